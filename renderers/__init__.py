@@ -1,0 +1,1 @@
+"""3D representations that can be rendered differentiably (installed as ``dreamlab.renderers``)."""
