@@ -1,0 +1,98 @@
+"""Checkpoint files: atomic writes, safe loading, clear errors for corrupt or foreign files.
+
+A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, loaded with
+``weights_only=True`` so that opening a file never runs code from it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+_REQUIRED_KEYS = ("step", "config_json", "fingerprint", "renderer", "optimizer", "generator")
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used; the message says which file and what to do."""
+
+
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    On any exception the temporary file is removed and ``path`` is left as it was, so a final
+    file name never holds a half-written file (also when the process is killed mid-write).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    state = dict(state, format=CHECKPOINT_FORMAT)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Loads and sanity-checks a checkpoint. Raises CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({reason[:120]}); "
+            "delete it to resume from an earlier checkpoint, or start a new run"
+        ) from None
+    if not isinstance(state, dict) or any(key not in state for key in _REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a dreamlab checkpoint (missing fields)")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {state.get('format')!r}; this dreamlab reads format "
+            f"{CHECKPOINT_FORMAT}"
+        )
+    return state
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files in ``directory``, oldest step first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = _STEP_FILE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry))
+    return [p for _, p in sorted(found)]
+
+
+def find_latest_checkpoint(directory: Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)

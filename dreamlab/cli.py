@@ -1,0 +1,321 @@
+"""The ``dreamlab`` command line: ``generate`` a 3D asset from a prompt, ``export`` a checkpoint.
+
+A thin front end over ``dreamlab.train.Trainer`` and ``dreamlab.export``. Bad input ends with a
+one-line ``dreamlab: error: ...`` on stderr and exit code 2 (1 for failures during a run), never a
+traceback; an interrupted run (Ctrl-C, SIGTERM) writes a checkpoint first and says how to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("dreamlab")
+
+
+class UserError(Exception):
+    """Bad input or an impossible request: reported as one line, exit code 2."""
+
+
+@dataclass
+class GenerateArgs:
+    """Generate a 3D asset (GLB, OBJ, splat PLY, turntable video) from a text prompt."""
+
+    prompt: tyro.conf.Positional[str]
+    """What to generate, e.g. "a red cube"."""
+    prior: str | None = None
+    """Diffusion prior: a short name (sd15, sd21-base, sd21), a Hugging Face hub id, or a local
+    diffusers folder (works offline). Default: sd21-base."""
+    guidance: str = "sds"
+    """Score-distillation rule (see docs/guidance.md)."""
+    renderer: Literal["gaussians"] = "gaussians"
+    """3D representation."""
+    steps: int = 500
+    """Optimisation steps."""
+    seed: int = 0
+    """Random seed; the same seed and settings give the same asset."""
+    out: Path = Path("outputs")
+    """Output folder; the run goes to OUT/<prompt-slug>/."""
+    resume: bool = False
+    """Continue the run in OUT/<prompt-slug>/ from its newest checkpoint."""
+    negative_prompt: str = ""
+    """What the asset should not look like."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale (diffusers convention); default: the guidance's own."""
+    faces: int | None = None
+    """Face budget of the exported mesh."""
+    size_m: float | None = None
+    """Size of the exported asset in metres (its largest dimension)."""
+    texture_size: int | None = None
+    """Texture resolution in pixels."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every N steps."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    quiet: bool = False
+    """No progress bar."""
+
+
+@dataclass
+class ExportArgs:
+    """Re-export an asset from a training checkpoint."""
+
+    checkpoint: tyro.conf.Positional[Path]
+    """A checkpoint file (OUT/<slug>/checkpoints/step_*.pt)."""
+    format: Literal["glb", "obj", "ply"] = "glb"
+    """Output format."""
+    out: Path | None = None
+    """Output file (default: model.<format> or splats.ply beside the checkpoint's run folder)."""
+    faces: int | None = None
+    """Face budget of the exported mesh."""
+    size_m: float | None = None
+    """Size of the exported asset in metres (its largest dimension)."""
+    texture_size: int | None = None
+    """Texture resolution in pixels."""
+
+
+def prompt_slug(prompt: str, max_chars: int = 48) -> str:
+    """A folder name for a prompt: lowercase ASCII words joined by '-', never a path."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.strip().lower()).strip("-")
+    digest = hashlib.sha1(prompt.strip().encode("utf-8")).hexdigest()[:8]
+    if not slug:
+        return f"prompt-{digest}"
+    if len(slug) > max_chars:
+        return f"{slug[:max_chars].rstrip('-')}-{digest}"
+    return slug
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to output folder {directory}: {err.strerror or err}") from None
+
+
+def _apply_export_overrides(export_cfg, faces, size_m, texture_size):
+    changes = {}
+    if faces is not None:
+        changes["faces"] = faces
+    if size_m is not None:
+        changes["size_m"] = size_m
+    if texture_size is not None:
+        changes["texture_size"] = texture_size
+    return dataclasses.replace(export_cfg, **changes) if changes else export_cfg
+
+
+def build_run_config(args: GenerateArgs):
+    """GenerateArgs -> validated RunConfig. Raises UserError for bad input."""
+    from dreamlab.config import DEFAULT_PRIOR, RunConfig, TrainConfig
+    from dreamlab.guidance import GUIDANCES
+    from dreamlab.prompts import PromptConfig
+
+    if args.guidance not in GUIDANCES:
+        raise UserError(f"unknown guidance {args.guidance!r}; choose one of: {', '.join(GUIDANCES)}")
+    if args.steps < 1:
+        raise UserError(f"--steps must be a positive number of steps, got {args.steps}")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    guidance = GUIDANCES[args.guidance]()
+    if args.guidance_scale is not None:
+        if args.guidance_scale < 0:
+            raise UserError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+        guidance = dataclasses.replace(guidance, guidance_scale=args.guidance_scale)
+    cfg = RunConfig(
+        prompt=args.prompt,
+        prior=args.prior or DEFAULT_PRIOR,
+        guidance=guidance,
+        prompt_processing=PromptConfig(negative_prompt=args.negative_prompt),
+        train=TrainConfig(steps=args.steps, seed=args.seed, checkpoint_every=args.checkpoint_every),
+        device=args.device,
+    )
+    cfg.export = _apply_export_overrides(cfg.export, args.faces, args.size_m, args.texture_size)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return cfg
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Interrupted()
+
+
+def _setup_run_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def generate(args: GenerateArgs) -> int:
+    from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint
+    from dreamlab.config import config_to_json
+    from dreamlab.checkpoint import atomic_path
+    from dreamlab.export import export_asset
+    from dreamlab.priors import PriorLoadError
+    from dreamlab.train import Trainer
+
+    cfg = build_run_config(args)
+    run_dir = args.out / prompt_slug(cfg.prompt)
+    _check_writable(run_dir)
+    has_checkpoint = find_latest_checkpoint(run_dir / "checkpoints") is not None
+    if has_checkpoint and not args.resume:
+        raise UserError(
+            f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, "
+            "or choose another --out"
+        )
+    handler = _setup_run_logging(run_dir)
+    try:
+        with atomic_path(run_dir / "config.json") as tmp:
+            tmp.write_text(config_to_json(cfg), encoding="utf-8")
+        _say(f"dreamlab: generating {cfg.prompt!r} into {run_dir}")
+        try:
+            trainer = Trainer(cfg, run_dir=run_dir)
+        except PriorLoadError as err:
+            raise UserError(str(err)) from None
+        if args.resume:
+            used = trainer.resume()
+            _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else
+                 "dreamlab: no checkpoint found, starting from scratch")
+        code = _run_loop(trainer, quiet=args.quiet)
+        if code != 0:
+            return code
+        started = time.perf_counter()
+        written = export_asset(trainer.renderer, run_dir, cfg.export)
+        log.info("export took %.1f s", time.perf_counter() - started)
+        for path in written:
+            _say(f"  wrote {path}")
+        return 0
+    except CheckpointError as err:
+        raise UserError(str(err)) from None
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _run_loop(trainer, quiet: bool) -> int:
+    from tqdm import tqdm
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    bar = tqdm(
+        total=trainer.cfg.train.steps,
+        initial=trainer.step,
+        desc="training",
+        unit="step",
+        disable=quiet,
+        dynamic_ncols=True,
+    )
+    try:
+        for report in trainer:
+            bar.update(1)
+            bar.set_postfix(loss=f"{report.loss:.4g}", n=report.num_gaussians, res=report.resolution)
+            if report.message:
+                bar.write(f"dreamlab: warning: {report.message}")
+            if report.step % 10 == 0 or report.step == report.total_steps:
+                log.info(
+                    "step %d/%d loss %.5g gaussians %d res %d t %s %.3fs",
+                    report.step, report.total_steps, report.loss, report.num_gaussians,
+                    report.resolution, report.timesteps, report.seconds,
+                )
+    except (KeyboardInterrupt, _Interrupted):
+        bar.close()
+        path = trainer.save()
+        _say(f"dreamlab: interrupted at step {trainer.step}; checkpoint {path}; rerun with --resume to continue")
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    return 0
+
+
+def export(args: ExportArgs) -> int:
+    from dreamlab.checkpoint import CheckpointError, load_checkpoint
+    from dreamlab.config import config_from_json
+    from dreamlab.export import export_by_extension
+    from dreamlab.train import build_renderer
+
+    import torch
+
+    try:
+        state = load_checkpoint(args.checkpoint)
+        cfg = config_from_json(state["config_json"])
+    except (CheckpointError, ValueError) as err:
+        raise UserError(str(err)) from None
+    cfg.export = _apply_export_overrides(cfg.export, args.faces, args.size_m, args.texture_size)
+    try:
+        cfg.export.validate() if hasattr(cfg.export, "validate") else None
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    renderer = build_renderer(cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    renderer.load_checkpoint_state(state["renderer"])
+    run_dir = args.checkpoint.resolve().parent.parent
+    default_name = "splats.ply" if args.format == "ply" else f"model.{args.format}"
+    target = args.out if args.out is not None else run_dir / default_name
+    if target.suffix.lower().lstrip(".") != args.format:
+        raise UserError(f"--out {target} does not end in .{args.format}")
+    _check_writable(target.parent)
+    written = export_by_extension(renderer, target, cfg.export)
+    for path in written:
+        _say(f"  wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="dreamlab: %(levelname)s: %(message)s")
+    args = tyro.extras.subcommand_cli_from_dict(
+        {"generate": GenerateArgs, "export": ExportArgs},
+        args=argv,
+        prog="dreamlab",
+        description="dreamlab: text to game-ready 3D assets.",
+    )
+    try:
+        if isinstance(args, GenerateArgs):
+            return generate(args)
+        return export(args)
+    except UserError as err:
+        print(f"dreamlab: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dreamlab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("dreamlab: error: out of memory: lower --steps resolution or the Gaussian count", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as err:  # noqa: BLE001 - last line of defence: one line, log has details
+        log.debug("unexpected failure", exc_info=True)
+        print(f"dreamlab: error: {type(err).__name__}: {err}", file=sys.stderr)
+        if os.environ.get("DREAMLAB_DEBUG"):
+            raise
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

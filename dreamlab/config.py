@@ -1,0 +1,238 @@
+"""RunConfig: one generation run, composed of the component configs, plus presets and JSON I/O.
+
+Configs are stdlib dataclasses with attribute docstrings (shown as CLI help). A run writes its
+full config as ``config.json`` beside its outputs; ``config_from_json`` reads it back exactly, so
+a run can be re-run or resumed from it. Schedules and other union-typed fields are written with a
+``"__type__"`` tag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dreamlab import schedules
+from dreamlab.cameras import CameraSamplerConfig
+from dreamlab.export.mesh import MeshExportConfig
+from dreamlab.guidance import GUIDANCES
+from dreamlab.guidance.sds import SDSConfig
+from dreamlab.prompts import PromptConfig
+from dreamlab.renderers.gaussians.model import GaussianConfig
+
+MAX_PROMPT_CHARS = 1000
+"""Longer prompts are refused: text encoders read 77 tokens, the rest would be silently lost."""
+
+GuidanceConfig = SDSConfig
+"""Union of every guidance config type (only SDS so far)."""
+
+DEFAULT_PRIOR = "sd21-base"
+"""Stable Diffusion 2.1-base (needs its weights: a hub download or a local folder)."""
+
+
+@dataclass
+class BackgroundConfig:
+    """Backgrounds composited behind the renders during training."""
+
+    mode: Literal["white", "black", "random", "white-or-black"] = "white-or-black"
+    """white / black: always that colour; random: a random solid colour per view;
+    white-or-black: white, or black with probability ``black_probability`` (DreamGaussian)."""
+    black_probability: float = 0.5
+    """With mode white-or-black: probability of a black background for a view."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 500
+    """Optimisation steps (DreamGaussian uses 500)."""
+    seed: int = 0
+    """Seeds every random choice of the run; same seed and config give the same result."""
+    resolution: schedules.Piecewise = field(
+        default_factory=lambda: schedules.Piecewise((64.0, 128.0), (0.5,))
+    )
+    """Render resolution (pixels, square) as a function of progress."""
+    cameras: CameraSamplerConfig = field(default_factory=CameraSamplerConfig)
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    """Adam betas (threestudio uses 0.9, 0.99)."""
+    adam_eps: float = 1e-15
+    """Adam epsilon (3DGS / threestudio use 1e-15)."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep on disk."""
+    preview_every: int = 50
+    """Attach a preview render to the step report every N steps (0: never)."""
+    preview_resolution: int = 128
+    """Resolution of the preview renders."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one generation run."""
+
+    prompt: str
+    """The text prompt."""
+    prior: str = DEFAULT_PRIOR
+    """Diffusion prior: a short name (see ``dreamlab.priors.PRIORS``), a hub id, or a local diffusers folder."""
+    guidance: GuidanceConfig = field(default_factory=SDSConfig)
+    """Score-distillation rule and its settings."""
+    renderer: GaussianConfig = field(default_factory=GaussianConfig)
+    """3D representation and its settings."""
+    prompt_processing: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: MeshExportConfig = field(default_factory=MeshExportConfig)
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
+    half_precision: bool = True
+    """Run the frozen prior in fp16 on GPU (always fp32 on CPU)."""
+
+    def validate(self) -> None:
+        """Raises ValueError with a one-line, actionable message for impossible settings."""
+        validate_prompt(self.prompt)
+        if self.train.steps < 1:
+            raise ValueError(f"--steps must be a positive number of steps, got {self.train.steps}")
+        if self.train.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.train.checkpoint_every}")
+        if self.train.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.train.keep_checkpoints}")
+        for value in self.train.resolution.values:
+            if not 8 <= value <= 4096 or value != int(value):
+                raise ValueError(f"render resolutions must be whole numbers in [8, 4096], got {value}")
+        if not 0.0 <= self.train.background.black_probability <= 1.0:
+            raise ValueError("background black_probability must lie in [0, 1]")
+        self.train.cameras.validate()
+        for component in (self.guidance, self.renderer, self.export):
+            check = getattr(component, "validate", None)
+            if check is not None:
+                check()
+
+
+def validate_prompt(prompt: str) -> str:
+    """Returns the stripped prompt, or raises ValueError saying what is wrong with it."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError('the prompt is empty: describe the object, e.g. dreamlab generate "a red cube"')
+    text = prompt.strip()
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"the prompt has {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed "
+            "(text encoders read only the first 77 tokens): shorten it"
+        )
+    if "/" in text or "\\" in text:
+        raise ValueError(
+            "the prompt contains a path separator ('/' or '\\'), which dreamlab does not accept "
+            "in prompts (they also name output folders): rephrase without it"
+        )
+    if any(ord(ch) < 32 for ch in text):
+        raise ValueError("the prompt contains control characters (newlines, tabs, NUL): use plain text")
+    return text
+
+
+def guidance_name(cfg: GuidanceConfig) -> str:
+    """The GUIDANCES key of a guidance config."""
+    for name, config_type in GUIDANCES.items():
+        if type(cfg) is config_type:
+            return name
+    raise KeyError(f"unregistered guidance config {type(cfg).__name__}")
+
+
+# --------------------------------------------------------------------------- JSON round trip
+
+
+def _known_dataclasses() -> dict[str, type]:
+    """Every dataclass type a RunConfig may contain, by class name (for ``__type__`` tags)."""
+    known: dict[str, type] = {}
+
+    def visit(tp: Any) -> None:
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            if tp.__name__ in known:
+                return
+            known[tp.__name__] = tp
+            for hint in typing.get_type_hints(tp).values():
+                visit(hint)
+        for arg in typing.get_args(tp):
+            visit(arg)
+
+    visit(RunConfig)
+    for config_type in GUIDANCES.values():
+        visit(config_type)
+    return known
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses -> dicts tagged with ``__type__``; tuples -> lists; Paths -> str."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {"__type__": type(value).__name__}
+        for f in dataclasses.fields(value):
+            out[f.name] = to_jsonable(getattr(value, f.name))
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _from_jsonable(value: Any, hint: Any, known: dict[str, type]) -> Any:
+    origin = typing.get_origin(hint)
+    if isinstance(value, dict) and "__type__" in value:
+        cls = known.get(value["__type__"])
+        if cls is None:
+            raise ValueError(f"unknown config type {value['__type__']!r} in config file")
+        hints = typing.get_type_hints(cls)
+        kwargs = {
+            name: _from_jsonable(v, hints[name], known)
+            for name, v in value.items()
+            if name != "__type__" and name in hints
+        }
+        return cls(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None) and value is None:
+                return None
+        non_none = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _from_jsonable(value, non_none[0], known) if len(non_none) == 1 else value
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_jsonable(v, args[0], known) for v in value)
+        return tuple(_from_jsonable(v, a, known) for v, a in zip(value, args))
+    if origin is list and isinstance(value, list):
+        (arg,) = typing.get_args(hint) or (Any,)
+        return [_from_jsonable(v, arg, known) for v in value]
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    return value
+
+
+def config_to_json(cfg: RunConfig) -> str:
+    return json.dumps(to_jsonable(cfg), indent=2, sort_keys=False)
+
+
+def config_from_json(text: str) -> RunConfig:
+    """Inverse of config_to_json. Raises ValueError on malformed input."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config is not valid JSON: {err}") from None
+    cfg = _from_jsonable(data, RunConfig, _known_dataclasses())
+    if not isinstance(cfg, RunConfig):
+        raise ValueError("config file does not describe a dreamlab run")
+    return cfg
+
+
+def training_fingerprint(cfg: RunConfig) -> str:
+    """JSON of everything that changes the optimisation (not export settings or device).
+
+    A run may be resumed only with the same fingerprint, or it would not be the same run.
+    """
+    data = to_jsonable(cfg)
+    for key in ("export", "device"):
+        data.pop(key, None)
+    return json.dumps(data, sort_keys=True)

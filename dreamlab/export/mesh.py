@@ -1,0 +1,341 @@
+"""Mesh extraction from any renderer's density field: grid sampling -> marching cubes -> clean-up.
+
+Works only through the Renderer verbs ``density(xyz) -> [N]`` (and optionally ``color(xyz) ->
+[N, 3]``), so the same code serves Gaussian splats and a NeRF. The recipe follows threestudio's
+``isosurface`` and DreamGaussian's ``extract_mesh`` (see docs/export.md), with libraries doing the
+work: scikit-image marching cubes, trimesh for components / normals, fast_simplification for
+quadric decimation.
+
+Coordinates: the field is sampled in dreamlab world space (Y-up, object near the origin). The
+returned mesh is in *export* space: glTF's Y-up, metres, scaled so that its size equals
+``size_m`` and translated so it rests on the ground plane y = 0 with its pivot (origin) at the
+centre of its base. :class:`ExtractedMesh` keeps the exact affine map between the two spaces so
+that the texture baker can query colours at the original world positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import trimesh
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+FieldFn = Callable[[Tensor], Tensor]
+"""A field over world points: [N, 3] float32 tensor -> [N] (density) or [N, 3] (colour)."""
+
+
+@dataclass
+class MeshExportConfig:
+    """How a density field becomes a game-ready triangle mesh."""
+
+    resolution: int = 128
+    """Grid samples per axis for marching cubes (inside the tightened box, see ``tighten_bbox``)."""
+    bbox_min: tuple[float, float, float] = (-1.0, -1.0, -1.0)
+    """Lower corner of the world-space box the field is sampled in."""
+    bbox_max: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Upper corner of the world-space box the field is sampled in."""
+    tighten_bbox: bool = True
+    """First sample a coarse grid to find where the object is, then spend ``resolution`` on that
+    part of the box only (threestudio's coarse-to-fine isosurface)."""
+    coarse_resolution: int = 48
+    """Grid samples per axis of the coarse pass used by ``tighten_bbox``."""
+    threshold: float | Literal["auto"] = "auto"
+    """Density level of the surface. A number is used as is (it must be > 0). ``"auto"`` picks
+    Otsu's threshold over the sampled densities that are not empty space (values above
+    ``auto_floor_fraction`` x max): the level that best separates "inside" from "fuzzy outside",
+    whatever the density's scale (Gaussian opacity sums ~1, NeRF densities ~10-100)."""
+    auto_floor_fraction: float = 1e-3
+    """With ``threshold="auto"``: densities below this fraction of the maximum count as empty
+    space and are left out of the Otsu histogram."""
+    min_component_fraction: float = 0.02
+    """Connected components with fewer faces than this fraction of the largest one are dropped
+    as floaters (0 keeps everything; 1 keeps only the largest)."""
+    faces: int = 20000
+    """Face budget: meshes with more triangles are decimated (quadric error) down to at most this."""
+    size_m: float = 1.0
+    """Size of the exported object in metres, measured along ``size_axis``."""
+    size_axis: Literal["max", "height"] = "max"
+    """``"max"``: the largest bounding-box dimension equals ``size_m`` (the object fits a
+    ``size_m`` cube; robust for wide or flat objects). ``"height"``: the Y extent equals ``size_m``."""
+    chunk_size: int = 262144
+    """Points per density/colour query (bounds peak memory of the field evaluation)."""
+
+    def validate(self) -> None:
+        if self.resolution < 8:
+            raise ValueError(f"mesh resolution must be >= 8, got {self.resolution}")
+        if self.coarse_resolution < 8:
+            raise ValueError(f"mesh coarse_resolution must be >= 8, got {self.coarse_resolution}")
+        lo, hi = np.asarray(self.bbox_min, float), np.asarray(self.bbox_max, float)
+        if lo.shape != (3,) or hi.shape != (3,) or not np.all(hi > lo):
+            raise ValueError(f"mesh bbox must satisfy bbox_min < bbox_max per axis, got {self.bbox_min}, {self.bbox_max}")
+        if isinstance(self.threshold, str):
+            if self.threshold != "auto":
+                raise ValueError(f"mesh threshold must be a positive number or 'auto', got {self.threshold!r}")
+        elif not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"mesh threshold must be a positive number or 'auto', got {self.threshold}")
+        if not 0.0 <= self.min_component_fraction <= 1.0:
+            raise ValueError(f"min_component_fraction must lie in [0, 1], got {self.min_component_fraction}")
+        if self.faces < 4:
+            raise ValueError(f"mesh face budget must be >= 4, got {self.faces}")
+        if not self.size_m > 0:
+            raise ValueError(f"size_m must be > 0 metres, got {self.size_m}")
+        if self.size_axis not in ("max", "height"):
+            raise ValueError(f"size_axis must be 'max' or 'height', got {self.size_axis!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class ExtractedMesh:
+    """A cleaned mesh in export space plus the map back to the world space it was sampled in.
+
+    ``export = (world - world_base) * scale`` and ``world = export / scale + world_base``.
+    """
+
+    mesh: trimesh.Trimesh
+    """Triangles in export space (Y-up metres, on y = 0, pivot at the base centre), outward
+    winding, unit vertex normals, vertex colours if a colour field was given."""
+    scale: float
+    """Metres per world unit."""
+    world_base: np.ndarray = field(repr=False)  # [3] world point that becomes the export origin
+    threshold: float = 0.0
+    """Density level the surface was extracted at."""
+    bbox_min: np.ndarray = field(default_factory=lambda: np.zeros(3), repr=False)  # [3] box sampled
+    bbox_max: np.ndarray = field(default_factory=lambda: np.zeros(3), repr=False)  # [3]
+
+    def export_to_world(self, points: np.ndarray) -> np.ndarray:
+        """[N, 3] export-space points -> [N, 3] world points (float64)."""
+        return np.asarray(points, dtype=np.float64) / self.scale + self.world_base
+
+    def world_to_export(self, points: np.ndarray) -> np.ndarray:
+        """[N, 3] world points -> [N, 3] export-space points (float64)."""
+        return (np.asarray(points, dtype=np.float64) - self.world_base) * self.scale
+
+
+def query_field(
+    fn: FieldFn, points: np.ndarray, chunk_size: int = 262144, device: torch.device | str | None = None
+) -> np.ndarray:
+    """Evaluates a torch field on numpy points [N, 3] in chunks, without gradients -> numpy."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    outs: list[np.ndarray] = []
+    with torch.no_grad():
+        for start in range(0, points.shape[0], chunk_size):
+            xyz = torch.from_numpy(points[start : start + chunk_size]).to(device)
+            value = fn(xyz)
+            outs.append(value.detach().float().cpu().numpy())
+    if not outs:
+        return np.zeros((0,), dtype=np.float32)
+    return np.concatenate(outs, axis=0)
+
+
+def _grid_axes(lo: np.ndarray, hi: np.ndarray, resolution: int) -> list[np.ndarray]:
+    return [np.linspace(lo[a], hi[a], resolution, dtype=np.float64) for a in range(3)]
+
+
+def sample_density_grid(
+    density_fn: FieldFn,
+    bbox_min: np.ndarray,
+    bbox_max: np.ndarray,
+    resolution: int,
+    chunk_size: int = 262144,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Density at the nodes of a ``resolution``^3 grid spanning the box -> [R, R, R] indexed [x, y, z]."""
+    xs, ys, zs = _grid_axes(np.asarray(bbox_min), np.asarray(bbox_max), resolution)
+    grid = np.stack(np.meshgrid(xs, ys, zs, indexing="ij"), axis=-1).reshape(-1, 3)
+    values = query_field(density_fn, grid, chunk_size, device).reshape(resolution, resolution, resolution)
+    if not np.all(np.isfinite(values)):
+        bad = int((~np.isfinite(values)).sum())
+        log.warning("density field returned %d non-finite values; treating them as empty", bad)
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    return values
+
+
+def auto_threshold(values: np.ndarray, floor_fraction: float = 1e-3) -> float:
+    """Otsu's threshold over the non-empty densities (those above ``floor_fraction`` x max).
+
+    Returns 0.0 when the field is empty (max <= 0). When the non-empty densities are all (nearly)
+    equal, returns half the maximum.
+    """
+    vmax = float(values.max()) if values.size else 0.0
+    if not vmax > 0:
+        return 0.0
+    occupied = values[values > floor_fraction * vmax]
+    if occupied.size < 2 or float(occupied.max() - occupied.min()) <= 1e-6 * vmax:
+        return 0.5 * vmax
+    from skimage.filters import threshold_otsu
+
+    thr = float(threshold_otsu(occupied.astype(np.float64), nbins=256))
+    # Keep the level strictly inside the data range so marching cubes always has a crossing.
+    return float(np.clip(thr, 0.02 * vmax, 0.98 * vmax))
+
+
+def _empty_error(max_density: float, threshold: float | str, lo: np.ndarray, hi: np.ndarray) -> ValueError:
+    box = f"[{', '.join(f'{v:g}' for v in lo)}]..[{', '.join(f'{v:g}' for v in hi)}]"
+    return ValueError(
+        f"nothing to mesh: the density field never reaches the threshold {threshold} inside the box {box} "
+        f"(max density {max_density:.4g}); lower MeshExportConfig.threshold or use threshold='auto', "
+        f"widen bbox_min/bbox_max, or check that the model was trained and loaded"
+    )
+
+
+def _resolve_threshold(values: np.ndarray, cfg: MeshExportConfig, lo: np.ndarray, hi: np.ndarray) -> float:
+    vmax = float(values.max())
+    if cfg.threshold == "auto":
+        thr = auto_threshold(values, cfg.auto_floor_fraction)
+        if not thr > 0:
+            raise _empty_error(vmax, "auto", lo, hi)
+        return thr
+    thr = float(cfg.threshold)
+    if not vmax >= thr:
+        raise _empty_error(vmax, thr, lo, hi)
+    return thr
+
+
+def _tight_box(
+    values: np.ndarray, threshold: float, lo: np.ndarray, hi: np.ndarray, margin_cells: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Box around the grid nodes whose density is near the surface level or above, plus a margin."""
+    res = values.shape[0]
+    step = (hi - lo) / (res - 1)
+    idx = np.argwhere(values >= 0.5 * threshold)
+    if idx.size == 0:
+        return lo, hi
+    new_lo = lo + (idx.min(axis=0) - margin_cells) * step
+    new_hi = lo + (idx.max(axis=0) + margin_cells) * step
+    return np.maximum(new_lo, lo), np.minimum(new_hi, hi)
+
+
+def _marching_cubes(values: np.ndarray, threshold: float, lo: np.ndarray, hi: np.ndarray) -> trimesh.Trimesh:
+    from skimage.measure import marching_cubes
+
+    res = values.shape[0]
+    step = (hi - lo) / (res - 1)
+    # One layer of empty padding closes the surface where the object touches the box.
+    pad_value = min(0.0, float(values.min()))
+    padded = np.pad(values.astype(np.float32), 1, mode="constant", constant_values=pad_value)
+    verts, faces, _, _ = marching_cubes(
+        padded, level=threshold, spacing=tuple(float(s) for s in step), allow_degenerate=False
+    )
+    verts = verts - step + lo  # undo the padding offset, move to world space
+    return trimesh.Trimesh(vertices=verts, faces=faces, process=True)
+
+
+def _remove_floaters(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
+    parts = mesh.split(only_watertight=False)
+    if len(parts) <= 1:
+        return mesh
+    sizes = np.array([len(p.faces) for p in parts])
+    keep = [p for p, n in zip(parts, sizes) if n >= min_fraction * sizes.max()]
+    if len(keep) < len(parts):
+        log.info("mesh export: dropped %d floater components (of %d)", len(parts) - len(keep), len(parts))
+    return trimesh.util.concatenate(keep) if len(keep) > 1 else keep[0]
+
+
+def _clean(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    mesh.merge_vertices()
+    mesh.update_faces(mesh.nondegenerate_faces())
+    mesh.update_faces(mesh.unique_faces())
+    mesh.remove_unreferenced_vertices()
+    return mesh
+
+
+def decimate(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
+    """Quadric decimation (fast_simplification via trimesh) to at most ``max_faces`` triangles."""
+    target = max_faces
+    for _ in range(4):
+        if len(mesh.faces) <= max_faces:
+            break
+        mesh = _clean(mesh.simplify_quadric_decimation(face_count=target))
+        target = max(4, int(target * 0.9))
+    if len(mesh.faces) > max_faces:
+        raise RuntimeError(f"decimation could not reach the face budget {max_faces} (got {len(mesh.faces)})")
+    return mesh
+
+
+def _unit_vertex_normals(mesh: trimesh.Trimesh) -> np.ndarray:
+    normals = np.asarray(mesh.vertex_normals, dtype=np.float64)
+    norm = np.linalg.norm(normals, axis=1, keepdims=True)
+    bad = ~(norm[:, 0] > 1e-8)
+    normals = np.where(bad[:, None], np.array([0.0, 1.0, 0.0]), normals / np.maximum(norm, 1e-12))
+    return normals
+
+
+def extract_mesh(
+    density_fn: FieldFn,
+    color_fn: FieldFn | None = None,
+    cfg: MeshExportConfig | None = None,
+    device: torch.device | str | None = None,
+) -> ExtractedMesh:
+    """Density field -> cleaned, decimated, outward-facing mesh in export space.
+
+    Steps: sample the density on a grid (coarse pass to tighten the box, then ``cfg.resolution``^3),
+    pick the threshold (fixed or Otsu "auto"), marching cubes (scikit-image) on the zero-padded grid
+    so the surface is closed, drop floater components, decimate to ``cfg.faces``, make the winding
+    consistent and outward, then scale to ``cfg.size_m`` and move the base centre to the origin.
+
+    Args:
+        density_fn: world points [N, 3] -> density [N] (e.g. ``renderer.density``).
+        color_fn: optional world points [N, 3] -> RGB [N, 3] in [0, 1]; fills vertex colours.
+        cfg: options (defaults: 128^3 grid, auto threshold, 20k faces, 1 m).
+        device: device the query points are sent to (the renderer's device).
+
+    Raises:
+        ValueError: the density never reaches the threshold inside the box (nothing to mesh).
+    """
+    cfg = cfg or MeshExportConfig()
+    cfg.validate()
+    lo = np.asarray(cfg.bbox_min, dtype=np.float64)
+    hi = np.asarray(cfg.bbox_max, dtype=np.float64)
+
+    if cfg.tighten_bbox:
+        coarse = sample_density_grid(density_fn, lo, hi, cfg.coarse_resolution, cfg.chunk_size, device)
+        coarse_thr = _resolve_threshold(coarse, cfg, lo, hi)
+        lo, hi = _tight_box(coarse, coarse_thr, lo, hi)
+    values = sample_density_grid(density_fn, lo, hi, cfg.resolution, cfg.chunk_size, device)
+    threshold = _resolve_threshold(values, cfg, lo, hi)
+    if not (values >= threshold).any():
+        raise _empty_error(float(values.max()), threshold, lo, hi)
+
+    mesh = _marching_cubes(values, threshold, lo, hi)
+    mesh = _clean(mesh)
+    if len(mesh.faces) == 0:
+        raise _empty_error(float(values.max()), threshold, lo, hi)
+    mesh = _remove_floaters(mesh, cfg.min_component_fraction)
+    mesh = decimate(mesh, cfg.faces)
+    trimesh.repair.fix_normals(mesh, multibody=True)
+
+    # Export space: Y-up metres, scaled to size_m, base centre at the origin.
+    vmin, vmax = mesh.bounds
+    extent = vmax - vmin
+    reference = float(extent.max() if cfg.size_axis == "max" else extent[1])
+    if not reference > 0:
+        raise ValueError(f"the extracted mesh is flat along {cfg.size_axis!r}; cannot scale it to {cfg.size_m} m")
+    scale = cfg.size_m / reference
+    world_base = np.array([(vmin[0] + vmax[0]) / 2, vmin[1], (vmin[2] + vmax[2]) / 2])
+    world_vertices = np.asarray(mesh.vertices, dtype=np.float64)
+    out = trimesh.Trimesh(
+        vertices=(world_vertices - world_base) * scale, faces=np.asarray(mesh.faces), process=False
+    )
+    # A uniform positive scale keeps the winding; carry the normals over explicitly unit length.
+    out.vertex_normals = _unit_vertex_normals(out)
+    if color_fn is not None:
+        rgb = query_field(color_fn, world_vertices, cfg.chunk_size, device).reshape(-1, 3)
+        rgba = np.concatenate([np.clip(rgb, 0, 1) * 255.0, np.full((len(rgb), 1), 255.0)], axis=1)
+        out.visual.vertex_colors = np.round(rgba).astype(np.uint8)
+    log.info(
+        "mesh export: threshold %.4g, %d vertices, %d faces, scale %.4g m/unit",
+        threshold, len(out.vertices), len(out.faces), scale,
+    )
+    return ExtractedMesh(
+        mesh=out, scale=scale, world_base=world_base, threshold=threshold, bbox_min=lo, bbox_max=hi
+    )

@@ -1,0 +1,221 @@
+"""Stable Diffusion 1.5 / 2.1-base / 2.1 as a frozen latent-space prior, over diffusers.
+
+The components are diffusers' / transformers' own classes (CLIPTokenizer, CLIPTextModel,
+AutoencoderKL, UNet2DConditionModel) and a diffusers DDIM scheduler that carries the training
+noise schedule read from the checkpoint's ``scheduler/`` config; nothing here re-implements a
+noise schedule. ε- and v-prediction checkpoints are both supported: ``predict_eps`` always
+returns ε̂, converting v with ε = σ_t x_t + α_t v.
+
+``StableDiffusionPrior.from_pretrained`` is the user path (a hub id, or a local folder in the
+diffusers layout); ``from_components`` is the test seam for tiny random models.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dreamlab.priors.base import Prior
+
+#: Subfolders a diffusers Stable Diffusion folder must contain (next to model_index.json).
+REQUIRED_SUBFOLDERS: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
+class PriorLoadError(RuntimeError):
+    """A diffusion prior could not be loaded; the message says what is missing and what to do."""
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "~"))
+        and "\\" not in name
+        and not name.endswith((".safetensors", ".ckpt", ".bin"))
+    )
+
+
+def check_diffusers_folder(path: Path) -> None:
+    """Raises PriorLoadError unless ``path`` is a diffusers Stable Diffusion folder."""
+    if not path.is_dir():
+        raise PriorLoadError(
+            f"prior path '{path}' is not a folder: pass a diffusers Stable Diffusion folder "
+            f"(model_index.json + {'/ '.join(REQUIRED_SUBFOLDERS)}/) or a hub id such as "
+            "'stabilityai/stable-diffusion-2-1-base' (hub downloads need network access)."
+        )
+    missing = [name for name in ("model_index.json",) if not (path / name).is_file()]
+    missing += [f"{sub}/" for sub in REQUIRED_SUBFOLDERS if not (path / sub).is_dir()]
+    if missing:
+        raise PriorLoadError(
+            f"'{path}' is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
+            "Pass a folder written by StableDiffusionPipeline.save_pretrained (or a hub snapshot "
+            "downloaded with `huggingface-cli download <id>`), or a hub id such as "
+            "'stabilityai/stable-diffusion-2-1-base' (hub downloads need network access; "
+            "single-file .ckpt/.safetensors checkpoints are not supported)."
+        )
+
+
+class StableDiffusionPrior(Prior):
+    """Frozen Stable Diffusion (latent space, 4 channels) exposing the Prior interface."""
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, device, dtype) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.to(device=self.device, dtype=dtype)
+        self.vae = vae.to(device=self.device, dtype=dtype)
+        self.unet = unet.to(device=self.device, dtype=dtype)
+        self.scheduler = scheduler
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.eval()
+            module.requires_grad_(False)
+        prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise PriorLoadError(
+                f"scheduler prediction_type {prediction_type!r} is not supported "
+                "(need 'epsilon' or 'v_prediction')"
+            )
+        self.prediction_type: str = prediction_type
+        self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor: float = float(self.vae.config.scaling_factor)
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.image_size = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self._prompt_cache: dict[str, Tensor] = {}
+        self._alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_components(
+        cls,
+        tokenizer,
+        text_encoder,
+        vae,
+        unet,
+        scheduler,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> StableDiffusionPrior:
+        """Wraps already-built components (the test seam for tiny random models)."""
+        device = torch.device(device)
+        return cls(tokenizer, text_encoder, vae, unet, scheduler, device, dtype or _default_dtype(device))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        id_or_path: str | os.PathLike,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        local_files_only: bool = False,
+    ) -> StableDiffusionPrior:
+        """Loads a hub id (``owner/name``) or a local diffusers folder.
+
+        Args:
+            id_or_path: hub id such as "stabilityai/stable-diffusion-2-1-base", or a folder with
+                model_index.json + tokenizer/ text_encoder/ vae/ unet/ scheduler/.
+            device: where the networks run.
+            dtype: weights dtype; default fp16 on CUDA, fp32 otherwise.
+            local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
+        Raises:
+            PriorLoadError: the folder is not a diffusers SD model, or the hub id could not be
+                fetched (offline, unknown id, gated repo).
+        """
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        device = torch.device(device)
+        dtype = dtype or _default_dtype(device)
+        source = str(id_or_path)
+        path = Path(source).expanduser()
+        if path.exists() or not _looks_like_hub_id(source):
+            check_diffusers_folder(path)
+            source, local_files_only = str(path), True
+        kwargs = {"local_files_only": local_files_only}
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+            scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+        except PriorLoadError:
+            raise
+        except (OSError, ValueError, EnvironmentError) as err:
+            where = "local folder" if Path(source).exists() else "hub id"
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PriorLoadError(
+                f"could not load Stable Diffusion from {where} '{source}' ({first_line}). "
+                "Hub downloads need network access (and HF_HUB_OFFLINE unset); offline, pass a "
+                "local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ "
+                "scheduler/) instead."
+            ) from err
+        return cls(tokenizer, text_encoder, vae, unet, scheduler, device, dtype)
+
+    # ----------------------------------------------------------------------------- Prior API
+    @property
+    def alphas_cumprod(self) -> Tensor:  # [T] float32 on self.device
+        return self._alphas_cumprod
+
+    def parameters(self):
+        """All frozen weights (text encoder, VAE, UNet)."""
+        for module in (self.text_encoder, self.vae, self.unet):
+            yield from module.parameters()
+
+    @torch.no_grad()
+    def encode_prompt(self, texts: list[str]) -> Tensor:
+        """CLIP last hidden states [N, L, D] (fp32), cached per text in memory."""
+        assert isinstance(texts, (list, tuple)), "encode_prompt takes a list of strings"
+        todo = [text for text in dict.fromkeys(texts) if text not in self._prompt_cache]
+        if todo:
+            tokens = self.tokenizer(
+                todo,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
+            for text, emb in zip(todo, hidden.float()):
+                self._prompt_cache[text] = emb
+        return torch.stack([self._prompt_cache[text] for text in texts])
+
+    def encode_images(self, rgb: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> scaled VAE latents [B, 4, h, w] fp32 (differentiable).
+
+        Bilinear resize without antialiasing (keeps a simple gradient), then [-1, 1], then the
+        posterior mean (deterministic) times the VAE scaling factor.
+        """
+        assert rgb.ndim == 4 and rgb.shape[1] == 3, f"want [B, 3, H, W], got {tuple(rgb.shape)}"
+        size = self.image_size
+        if rgb.shape[-2:] != (size, size):
+            rgb = F.interpolate(rgb, (size, size), mode="bilinear", align_corners=False, antialias=False)
+        x = (rgb * 2.0 - 1.0).to(device=self.device, dtype=self.dtype)
+        latents = self.vae.encode(x).latent_dist.mean * self.scaling_factor
+        return latents.float()
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents [B, 4, h, w] -> images [B, 3, image_size, image_size] in [0, 1], fp32."""
+        z = (latents / self.scaling_factor).to(device=self.device, dtype=self.dtype)
+        image = self.vae.decode(z).sample.float()
+        return (image * 0.5 + 0.5).clamp(0.0, 1.0)
+
+    def predict_eps(self, x_t: Tensor, t: Tensor, embeds: Tensor) -> Tensor:
+        """ε̂(x_t; y, t) [B, C, h, w] in fp32 (v-prediction converted: ε = σ_t x_t + α_t v)."""
+        assert x_t.shape[0] == t.shape[0] == embeds.shape[0], (x_t.shape, t.shape, embeds.shape)
+        t = t.to(self.device).long()
+        out = self.unet(
+            x_t.to(device=self.device, dtype=self.dtype),
+            t,
+            encoder_hidden_states=embeds.to(device=self.device, dtype=self.dtype),
+        ).sample.float()
+        if self.prediction_type == "v_prediction":
+            abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            out = (1.0 - abar).sqrt() * x_t.float() + abar.sqrt() * out
+        return out
