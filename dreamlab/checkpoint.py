@@ -6,15 +6,13 @@ A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, l
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dreamlab.export.atomic import atomic_write
 
 CHECKPOINT_FORMAT = 1
 _REQUIRED_KEYS = ("step", "config_json", "fingerprint", "renderer", "optimizer", "generator")
@@ -25,31 +23,9 @@ class CheckpointError(Exception):
     """A checkpoint cannot be used; the message says which file and what to do."""
 
 
-@contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; on success it replaces ``path`` atomically.
-
-    On any exception the temporary file is removed and ``path`` is left as it was, so a final
-    file name never holds a half-written file (also when the process is killed mid-write).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     state = dict(state, format=CHECKPOINT_FORMAT)
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         torch.save(state, tmp)
 
 

@@ -65,6 +65,12 @@ class GenerateArgs:
     """Texture resolution in pixels."""
     checkpoint_every: int = 100
     """Write a checkpoint every N steps."""
+    gaussians: int | None = None
+    """Initial number of Gaussians (default: the renderer's own)."""
+    resolution: int | None = None
+    """Render at this fixed resolution (pixels) instead of the default 64 -> 128 schedule."""
+    formats: tuple[Literal["glb", "obj", "ply", "mp4", "png"], ...] = ("glb", "obj", "ply", "mp4", "png")
+    """Outputs to write after training: glb, obj, ply (splats), mp4 (turntable), png (preview)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     quiet: bool = False
@@ -174,7 +180,7 @@ def _setup_run_logging(run_dir: Path) -> logging.Handler:
 def generate(args: GenerateArgs) -> int:
     from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint
     from dreamlab.config import config_to_json
-    from dreamlab.checkpoint import atomic_path
+    from dreamlab.export.atomic import atomic_write_text
     from dreamlab.export import export_asset
     from dreamlab.priors import PriorLoadError
     from dreamlab.train import Trainer
@@ -190,8 +196,7 @@ def generate(args: GenerateArgs) -> int:
         )
     handler = _setup_run_logging(run_dir)
     try:
-        with atomic_path(run_dir / "config.json") as tmp:
-            tmp.write_text(config_to_json(cfg), encoding="utf-8")
+        atomic_write_text(run_dir / "config.json", config_to_json(cfg))
         _say(f"dreamlab: generating {cfg.prompt!r} into {run_dir}")
         try:
             trainer = Trainer(cfg, run_dir=run_dir)

@@ -90,7 +90,7 @@ class Trainer:
         self.prior = prior
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.renderer = build_renderer(cfg, self.generator, self.device)
-        self.guidance = cfg.guidance.build(prior)
+        self.guidance = cfg.guidance.build(prior, cfg.prompt_processing)
         self.embeds = build_prompt_embeds(
             prior, cfg.prompt.strip(), cfg.prompt_processing.negative_prompt
         )

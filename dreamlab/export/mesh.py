@@ -120,6 +120,15 @@ class ExtractedMesh:
         return (np.asarray(points, dtype=np.float64) - self.world_base) * self.scale
 
 
+def renderer_device(module: torch.nn.Module) -> torch.device:
+    """The device of a renderer's first parameter or buffer (CPU when it has none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 def query_field(
     fn: FieldFn, points: np.ndarray, chunk_size: int = 262144, device: torch.device | str | None = None
 ) -> np.ndarray:
@@ -222,6 +231,11 @@ def _marching_cubes(values: np.ndarray, threshold: float, lo: np.ndarray, hi: np
     step = (hi - lo) / (res - 1)
     # One layer of empty padding closes the surface where the object touches the box.
     pad_value = min(0.0, float(values.min()))
+    # Push node values that sit (almost) exactly on the level a little off it: otherwise several
+    # vertices land on the same grid node and leave zero-area slivers that block decimation.
+    eps = 0.01 * min(float(values.max()) - threshold, threshold - pad_value)
+    delta = values - threshold
+    values = np.where(np.abs(delta) < eps, threshold + np.where(delta >= 0, eps, -eps), values)
     padded = np.pad(values.astype(np.float32), 1, mode="constant", constant_values=pad_value)
     verts, faces, _, _ = marching_cubes(
         padded, level=threshold, spacing=tuple(float(s) for s in step), allow_degenerate=False
@@ -249,17 +263,35 @@ def _clean(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return mesh
 
 
-def decimate(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
-    """Quadric decimation (fast_simplification via trimesh) to at most ``max_faces`` triangles."""
-    target = max_faces
-    for _ in range(4):
-        if len(mesh.faces) <= max_faces:
-            break
-        mesh = _clean(mesh.simplify_quadric_decimation(face_count=target))
-        target = max(4, int(target * 0.9))
-    if len(mesh.faces) > max_faces:
-        raise RuntimeError(f"decimation could not reach the face budget {max_faces} (got {len(mesh.faces)})")
-    return mesh
+def decimate(mesh: trimesh.Trimesh, max_faces: int, cell_size: float | None = None) -> trimesh.Trimesh:
+    """Quadric decimation (fast_simplification via trimesh) to at most ``max_faces`` triangles.
+
+    Marching cubes leaves near-zero-area slivers where the surface passes close to grid nodes
+    (typical on flat, axis-aligned faces); fast_simplification refuses to collapse around them
+    and stalls above the budget. When that happens the vertices are jittered by a few percent of
+    a grid cell (fixed seed, so deterministic) and decimation is retried from the original mesh.
+    """
+    if len(mesh.faces) <= max_faces:
+        return mesh
+    if cell_size is None:
+        cell_size = float(np.median(mesh.edges_unique_length)) if len(mesh.edges_unique) else 1e-3
+    rng = np.random.default_rng(0)
+    best = mesh
+    for jitter in (0.0, 0.02, 0.05, 0.1, 0.2):
+        source = mesh.copy()
+        if jitter > 0:
+            source.vertices = source.vertices + rng.normal(scale=jitter * cell_size, size=source.vertices.shape)
+        out = _clean(source.simplify_quadric_decimation(face_count=max_faces))
+        if len(out.faces) < len(best.faces):
+            best = out
+        if len(best.faces) <= max_faces:
+            return best
+        log.info("mesh export: decimation stalled at %d faces (budget %d), retrying with jitter", len(out.faces), max_faces)
+    # Last resort: decimate the best result again with a lower target.
+    out = _clean(best.simplify_quadric_decimation(face_count=max(4, int(max_faces * 0.8))))
+    if len(out.faces) > max_faces:
+        raise RuntimeError(f"decimation could not reach the face budget {max_faces} (got {len(out.faces)})")
+    return out
 
 
 def _unit_vertex_normals(mesh: trimesh.Trimesh) -> np.ndarray:
@@ -311,7 +343,7 @@ def extract_mesh(
     if len(mesh.faces) == 0:
         raise _empty_error(float(values.max()), threshold, lo, hi)
     mesh = _remove_floaters(mesh, cfg.min_component_fraction)
-    mesh = decimate(mesh, cfg.faces)
+    mesh = decimate(mesh, cfg.faces, cell_size=float(np.max((hi - lo) / (cfg.resolution - 1))))
     trimesh.repair.fix_normals(mesh, multibody=True)
 
     # Export space: Y-up metres, scaled to size_m, base centre at the origin.

@@ -12,6 +12,7 @@ diffusers layout); ``from_components`` is the test seam for tiny random models.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,6 +32,14 @@ class PriorLoadError(RuntimeError):
 
 def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    # Cast only when needed: diffusers warns on every .to(dtype) of a model.
+    module = module.to(device)
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module = module.to(dtype)
+    return module
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -71,9 +80,9 @@ class StableDiffusionPrior(Prior):
         self.device = torch.device(device)
         self.dtype = dtype
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.to(device=self.device, dtype=dtype)
-        self.vae = vae.to(device=self.device, dtype=dtype)
-        self.unet = unet.to(device=self.device, dtype=dtype)
+        self.text_encoder = _to(text_encoder, self.device, dtype)
+        self.vae = _to(vae, self.device, dtype)
+        self.unet = _to(unet, self.device, dtype)
         self.scheduler = scheduler
         for module in (self.text_encoder, self.vae, self.unet):
             module.eval()
@@ -139,15 +148,22 @@ class StableDiffusionPrior(Prior):
             check_diffusers_folder(path)
             source, local_files_only = str(path), True
         kwargs = {"local_files_only": local_files_only}
+        # Without accelerate diffusers would warn on every model; ask for the plain path then.
+        low_mem = {"low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
         try:
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+            # transformers renamed torch_dtype -> dtype in v5; cast afterwards to support both.
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+            vae = AutoencoderKL.from_pretrained(
+                source, subfolder="vae", torch_dtype=dtype, **low_mem, **kwargs
+            )
+            unet = UNet2DConditionModel.from_pretrained(
+                source, subfolder="unet", torch_dtype=dtype, **low_mem, **kwargs
+            )
             scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
         except PriorLoadError:
             raise
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             where = "local folder" if Path(source).exists() else "hub id"
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise PriorLoadError(

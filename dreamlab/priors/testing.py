@@ -20,7 +20,7 @@ TEST_WORDS: tuple[str, ...] = (
     "a", "an", "the", "of", "on", "in", "with", "and", "view", "front", "side", "back",
     "overhead", "photo", "dslr", "zoomed", "out", "cat", "dog", "corgi", "hamburger", "chair",
     "cube", "red", "blue", "green", "wooden", "low", "quality", "blurry", "ugly", "high",
-    "detailed", "3d", "render", "model", "sphere", "teapot", "robot", "car", "tree", "house",
+    "detailed", "render", "model", "sphere", "teapot", "robot", "car", "tree", "house",
 )  # fmt: skip
 
 
@@ -56,20 +56,39 @@ def tiny_clip_vocab(words: tuple[str, ...] = TEST_WORDS) -> tuple[dict[str, int]
     for ch in alphabet:
         add(ch + "</w>")
     merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            pair = (left, right)
-            left = left + right
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            add(left)
+        # Merge the first two pieces of the word's current segmentation until it is one token;
+        # a new merge has the last rank, so earlier words keep their segmentation.
+        while len(pieces := _bpe(word, ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            add(pair[0] + pair[1])
     add("<|startoftext|>")
     add("<|endoftext|>")
     return vocab, merges
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Segments ``word`` like a BPE tokenizer: apply the lowest-ranked adjacent merge until none."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        best = min((r for r, _ in pairs if r is not None), default=None)
+        if best is None:
+            break
+        merged: list[str] = []
+        i = 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and ranks.get((pieces[i], pieces[i + 1])) == best:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
 
 
 def make_tiny_sd_components(

@@ -1,0 +1,7 @@
+"""``python -m dreamlab`` runs the command line."""
+
+import sys
+
+from dreamlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""Pure helpers shared by every score-distillation method (see docs/guidance-spec.md §0).
+
+* **CFG convention.** All of dreamlab uses convention A (diffusers):
+  ``ε_cfg = ε_∅ + s (ε_y − ε_∅)``. threestudio's SDS code uses convention B,
+  ``ε_y + s (ε_y − ε_∅)``, which is convention A with ``s + 1``: its ``guidance_scale: 100``
+  is 101 here. Convert every default copied from a convention-B codebase (threestudio SDS,
+  Consistent3D/CDS).
+* **Randomness.** Timesteps and noise are drawn on the CPU from the ``torch.Generator`` the
+  trainer passes in, then moved to the device, so a resumed run draws the same numbers.
+* **Surrogate loss.** A hand-made gradient g is applied through
+  ``0.5 · Σ (x − stopgrad(x − g))² / B`` whose gradient is exactly ``g / B`` (threestudio).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from dreamlab.schedules import Constant, Schedule
+
+Weighting = Literal["sds", "uniform", "fantasia3d"]
+WEIGHTINGS: tuple[str, ...] = ("sds", "uniform", "fantasia3d")
+
+
+def percent_to_step(percent: float, num_train_timesteps: int) -> int:
+    """threestudio's ``int(T * pct)`` (with a 1e-6 guard against 0.29 * 1000 = 289.99…), in [0, T-1]."""
+    return min(num_train_timesteps - 1, max(0, math.floor(num_train_timesteps * percent + 1e-6)))
+
+
+def sample_timesteps(
+    generator: torch.Generator, batch: int, t_min: float, t_max: float, num_train_timesteps: int
+) -> Tensor:
+    """Integer timesteps [B] (CPU, long) uniform on {int(T t_min), …, int(T t_max)}, both ends included.
+
+    Args:
+        generator: CPU generator all randomness comes from.
+        batch: number of timesteps (threestudio draws one per view).
+        t_min, t_max: range as fractions of ``num_train_timesteps`` (e.g. 0.02, 0.98 -> 20..980).
+    """
+    lo = percent_to_step(t_min, num_train_timesteps)
+    hi = percent_to_step(t_max, num_train_timesteps)
+    if hi < lo:
+        raise ValueError(f"timestep range is empty: t_min {t_min} > t_max {t_max}")
+    return torch.randint(lo, hi + 1, (batch,), generator=generator, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class TimestepSchedule:
+    """Which diffusion timesteps a guidance samples, as a function of training progress.
+
+    * ``kind="uniform"``: t ~ U{T·t_min(p), …, T·t_max(p)} per view. Constant schedules give
+      threestudio's fixed range; e.g. ``t_max=Linear(0.98, 0.5, 0.0, 0.5)`` anneals it
+      (ProlificDreamer/ISM style); ``t_min = t_max = SqrtAnneal(0.98, 0.02)`` is HiFA's
+      deterministic square-root anneal.
+    * ``kind="anneal"``: DreamGaussian's deterministic t = round((1 − p)·T), clipped to
+      [T·t_min(p), T·t_max(p)], shared by the batch (no randomness drawn).
+    """
+
+    kind: Literal["uniform", "anneal"] = "uniform"
+    """"uniform" (random in a range) or "anneal" (DreamGaussian's deterministic decreasing t)."""
+    t_min: Schedule = field(default_factory=lambda: Constant(0.02))
+    """Lower end of the range, as a fraction of the training timesteps, vs. progress."""
+    t_max: Schedule = field(default_factory=lambda: Constant(0.98))
+    """Upper end of the range, as a fraction of the training timesteps, vs. progress."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("uniform", "anneal"):
+            raise ValueError(f"timestep schedule kind must be 'uniform' or 'anneal', got {self.kind!r}")
+
+    def bounds(self, progress: float, num_train_timesteps: int) -> tuple[int, int]:
+        """Inclusive integer range (lo, hi) of the timesteps allowed at ``progress``."""
+        lo = percent_to_step(self.t_min(progress), num_train_timesteps)
+        hi = percent_to_step(self.t_max(progress), num_train_timesteps)
+        if hi < lo:
+            raise ValueError(f"timestep range is empty at progress {progress}: {lo} > {hi}")
+        return lo, hi
+
+    def __call__(
+        self, progress: float, batch: int, num_train_timesteps: int, generator: torch.Generator
+    ) -> Tensor:
+        """Timesteps [B] (CPU, long) for this step."""
+        if self.kind == "anneal":
+            lo, hi = self.bounds(progress, num_train_timesteps)
+            t = min(hi, max(lo, round((1.0 - progress) * num_train_timesteps)))
+            return torch.full((batch,), t, dtype=torch.long)
+        return sample_timesteps(
+            generator, batch, self.t_min(progress), self.t_max(progress), num_train_timesteps
+        )
+
+
+def sample_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Standard normal noise drawn on the CPU from ``generator`` (fp32), then moved to ``device``."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def cfg_combine(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance, convention A (diffusers): ε_∅ + s (ε_y − ε_∅)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def threestudio_scale_to_dreamlab(scale_b: float) -> float:
+    """Converts a convention-B guidance scale (threestudio SDS, CDS) to convention A: s + 1."""
+    return scale_b + 1.0
+
+
+def weighting(name: Weighting, alphas_cumprod: Tensor, t: Tensor) -> Tensor:
+    """Per-sample weight w(t) [B] (fp32, on ``alphas_cumprod``'s device).
+
+    "sds": 1 − ᾱ_t = σ_t² (DreamFusion / threestudio default); "uniform": 1;
+    "fantasia3d": sqrt(ᾱ_t)·(1 − ᾱ_t) (threestudio's ``weighting_strategy: fantasia3d``).
+    """
+    abar = alphas_cumprod[t.to(alphas_cumprod.device)].float()
+    if name == "sds":
+        return 1.0 - abar
+    if name == "uniform":
+        return torch.ones_like(abar)
+    if name == "fantasia3d":
+        return abar.sqrt() * (1.0 - abar)
+    raise ValueError(f"unknown weighting {name!r}; choose one of {WEIGHTINGS}")
+
+
+def surrogate_loss(x: Tensor, grad: Tensor, batch: int) -> Tensor:
+    """Scalar whose gradient w.r.t. ``x`` is exactly ``grad / batch``.
+
+    ``0.5 · Σ (x − stopgrad(x − grad))² / batch`` (threestudio's reparameterisation). Its value
+    is ``0.5 ‖grad‖² / batch``, useful only for logging.
+    """
+    target = (x - grad).detach()
+    return 0.5 * ((x - target) ** 2).sum() / batch
+
+
+def alpha_sigma(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(α_t, σ_t) = (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) shaped [B, 1, 1, 1] for broadcasting over images."""
+    abar = alphas_cumprod[t.to(alphas_cumprod.device)].float().view(-1, 1, 1, 1)
+    return abar.sqrt(), (1.0 - abar).sqrt()

@@ -1,0 +1,149 @@
+"""SDS — Score Distillation Sampling (DreamFusion; Poole et al., 2022, arXiv 2209.14988).
+
+Update rule (descent gradient on the model-space image x, e.g. the SD latent):
+
+    t ~ U{t_min..t_max},  ε ~ N(0, I),  x_t = α_t x + σ_t ε
+    ε̂_cfg = ε_φ(x_t; ∅, t) + s (ε_φ(x_t; y_view, t) − ε_φ(x_t; ∅, t))      (CFG convention A)
+    g = w(t) (ε̂_cfg − ε),   w(t) = 1 − ᾱ_t  ("sds")
+
+No gradient flows through the U-Net. g is ``nan_to_num``'d and optionally clamped element-wise
+(Debiased SDS score clipping, Hong et al. 2023, arXiv 2303.15413), then applied through the
+surrogate loss 0.5 Σ (x − sg(x − g))² / B, so ∂loss/∂x = loss_scale · g / B. Reference code:
+threestudio ``models/guidance/stable_diffusion_guidance.py`` (``compute_grad_sds``); see
+docs/guidance-spec.md §1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dreamlab.guidance.common import (
+    TimestepSchedule,
+    WEIGHTINGS,
+    Weighting,
+    alpha_sigma,
+    cfg_combine,
+    sample_noise,
+    surrogate_loss,
+    weighting,
+)
+from dreamlab.priors.base import Prior
+from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
+from dreamlab.schedules import Schedule
+from dreamlab.types import Cameras, GuidanceOutput, PromptEmbeds
+
+
+@dataclass
+class SDSConfig:
+    """Score Distillation Sampling (DreamFusion). The loss is a mean over the B views: its
+    gradient w.r.t. each view's latent is ``loss_scale · w(t)(ε̂ − ε) / B`` (threestudio)."""
+
+    guidance_scale: float = 101.0
+    """CFG scale, convention A (ε_∅ + s(ε_y − ε_∅)). 101 = threestudio's SDS default 100, which
+    uses convention B (ε_y + s(ε_y − ε_∅)); DreamGaussian uses 100 in convention A. Small or
+    weak priors (tiny test models, the builtin prior) usually want far less, e.g. 7.5–20."""
+    timesteps: TimestepSchedule = field(default_factory=TimestepSchedule)
+    """Timestep sampling; default t ~ U{20..980} of 1000 for the whole run (threestudio)."""
+    weighting: Weighting = "sds"
+    """w(t): "sds" (1 − ᾱ_t, DreamFusion), "uniform" (1), "fantasia3d" (sqrt(ᾱ_t)(1 − ᾱ_t))."""
+    view_dependent: ViewMode | None = None
+    """View words in the conditional prompt; None = the run's PromptConfig.view_dependent."""
+    grad_clip: Schedule | None = None
+    """Element-wise clamp of g to ±c(progress) (D-SDS score debiasing, e.g. Linear(0.5, 2.0));
+    None disables it (threestudio default)."""
+    loss_scale: float = 1.0
+    """Multiplies the loss (threestudio's lambda_sds)."""
+
+    def validate(self) -> None:
+        """Raises ValueError with a one-line message for impossible settings."""
+        if not self.guidance_scale >= 0.0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.view_dependent is not None and self.view_dependent not in VIEW_MODES:
+            raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
+        if not math.isfinite(self.loss_scale):
+            raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
+        for progress in (0.0, 0.5, 1.0):
+            self.timesteps.bounds(progress, 1000)  # raises if the range is empty
+            if self.grad_clip is not None and not self.grad_clip(progress) > 0.0:
+                raise ValueError(f"grad_clip must stay > 0, got {self.grad_clip(progress)} at progress {progress}")
+
+    def build(self, prior: Prior, prompt: PromptConfig | None = None) -> SDS:
+        """The guidance object for ``prior``; ``prompt`` supplies view thresholds / default mode."""
+        return SDS(self, prior, prompt or PromptConfig())
+
+
+@dataclass
+class SDSAux:
+    """Detached intermediates of one SDS call (tests and diagnostics)."""
+
+    noise: Tensor  # [B, C, h, w] ε added to the latents
+    eps_pred: Tensor  # [B, C, h, w] ε̂ after CFG
+    weights: Tensor  # [B] w(t)
+    grad: Tensor  # [B, C, h, w] g = w(t)(ε̂ − ε) after nan_to_num and clipping
+
+
+class SDS:
+    """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``."""
+
+    def __init__(self, cfg: SDSConfig, prior: Prior, prompt: PromptConfig) -> None:
+        self.cfg = cfg
+        self.prior = prior
+        self.prompt = prompt
+        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+
+    def __call__(
+        self,
+        rgb: Tensor,
+        cams: Cameras,
+        embeds: PromptEmbeds,
+        progress: float,
+        generator: torch.Generator,
+    ) -> GuidanceOutput:
+        """SDS loss for renders ``rgb`` [B, H, W, 3] in [0, 1] seen from ``cams``."""
+        cfg, prior = self.cfg, self.prior
+        assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
+        batch = rgb.shape[0]
+        assert len(cams) == batch, (len(cams), batch)
+
+        # 1. Encode the renders into the space the prior denoises (differentiable).
+        latents = prior.encode_images(rgb.permute(0, 3, 1, 2))  # [B, C, h, w] fp32
+
+        # 2. Sample t and ε from the caller's CPU generator.
+        t = cfg.timesteps(progress, batch, prior.num_train_timesteps, generator).to(prior.device)
+        noise = sample_noise(tuple(latents.shape), generator, latents.device)
+
+        # 3. Per-view text embeddings: cond = prompt with view words, uncond = negative prompt.
+        cond, uncond = self.prompt.embeds_for_cameras(embeds, cams, self.view_mode)
+
+        # 4. Noise the latents and predict ε̂ with CFG (one batched U-Net call, no gradient).
+        alphas_cumprod = prior.alphas_cumprod
+        alpha, sigma = alpha_sigma(alphas_cumprod, t)
+        with torch.no_grad():
+            x_t = alpha * latents.detach() + sigma * noise
+            eps = prior.predict_eps(
+                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]).to(prior.device)
+            )
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps_pred = cfg_combine(eps_uncond, eps_cond, cfg.guidance_scale)
+
+            # 5. g = w(t)(ε̂ − ε), made finite, optionally clamped (D-SDS).
+            w = weighting(cfg.weighting, alphas_cumprod, t)
+            grad = torch.nan_to_num(w.view(-1, 1, 1, 1) * (eps_pred - noise))
+            if cfg.grad_clip is not None:
+                clip = float(cfg.grad_clip(progress))
+                grad = grad.clamp(-clip, clip)
+
+        # 6. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
+        loss = cfg.loss_scale * surrogate_loss(latents, grad, batch)
+        return GuidanceOutput(
+            loss=loss,
+            timesteps=t.detach().cpu(),
+            grad_norm=grad.norm(),
+            aux=SDSAux(noise=noise, eps_pred=eps_pred, weights=w, grad=grad),
+        )

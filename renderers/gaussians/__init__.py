@@ -1,0 +1,1 @@
+"""3D Gaussian splatting: model, pure-PyTorch rasterizer, densify strategy."""

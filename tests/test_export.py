@@ -1,0 +1,377 @@
+"""Export package tests on analytic density fields (torus, cube): CPU only, a few seconds each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pygltflib
+import pytest
+import torch
+import trimesh
+from plyfile import PlyData
+
+from dreamlab.export import (
+    ExportConfig,
+    MeshExportConfig,
+    TextureConfig,
+    VideoConfig,
+    atomic_write,
+    auto_threshold,
+    bake_texture,
+    export_asset,
+    export_by_extension,
+    extract_mesh,
+    read_splats_ply,
+    splat_property_names,
+    write_glb,
+    write_obj,
+    write_preview_grid,
+    write_splats_ply,
+    write_turntable,
+)
+
+try:
+    from export_fixtures import FakeFieldRenderer, FakeSplatRenderer, gradient_color, random_splats, run_gltf_validator
+except ImportError:  # tests/ imported as a package
+    from tests.export_fixtures import (  # type: ignore[no-redef]
+        FakeFieldRenderer,
+        FakeSplatRenderer,
+        gradient_color,
+        random_splats,
+        run_gltf_validator,
+    )
+
+FAST_MESH = MeshExportConfig(resolution=96, faces=3000)
+FAST_TEX = TextureConfig(size=256)
+
+
+def small_cfg() -> ExportConfig:
+    return ExportConfig(
+        mesh=MeshExportConfig(resolution=64, faces=1500),
+        texture=TextureConfig(size=128),
+        video=VideoConfig(num_frames=6, resolution=64, fps=10, grid_views=4, grid_columns=2, grid_resolution=32),
+    )
+
+
+@pytest.fixture(scope="module")
+def torus():
+    r = FakeFieldRenderer("torus", color=None)
+    return r, extract_mesh(r.density, r.color, FAST_MESH)
+
+
+@pytest.fixture(scope="module")
+def cube():
+    r = FakeFieldRenderer("cube", color=(0.8, 0.3, 0.1), offset=(0.1, 0.2, -0.15))
+    return r, extract_mesh(r.density, None, FAST_MESH)
+
+
+@pytest.fixture(scope="module")
+def textured_torus(torus):
+    r, em = torus
+    return r, em, bake_texture(em, r.color, FAST_TEX)
+
+
+def _field_color(em, export_points: np.ndarray) -> np.ndarray:
+    world = torch.tensor(em.export_to_world(export_points), dtype=torch.float32)
+    return gradient_color(world).numpy()
+
+
+# ---------------------------------------------------------------- mesh
+
+
+def test_torus_mesh_has_one_hole(torus):
+    _, em = torus
+    mesh = em.mesh
+    assert mesh.is_watertight
+    assert len(mesh.split(only_watertight=False)) == 1
+    assert mesh.euler_number == 0  # genus 1: V - E + F = 2 - 2g
+    assert mesh.volume > 0  # outward winding
+
+
+def test_cube_has_flat_axis_aligned_faces(cube):
+    _, em = cube
+    mesh = em.mesh
+    assert mesh.is_watertight and mesh.euler_number == 2
+    aligned = np.abs(mesh.face_normals).max(axis=1) > 0.98
+    assert mesh.area_faces[aligned].sum() / mesh.area > 0.85
+    # The six faces point both ways along every axis.
+    for axis in range(3):
+        n = mesh.face_normals[aligned]
+        assert (n[:, axis] > 0.98).any() and (n[:, axis] < -0.98).any()
+
+
+def test_normals_point_outwards(cube):
+    _, em = cube
+    mesh = em.mesh
+    assert mesh.volume > 0
+    centre = mesh.bounds.mean(axis=0)
+    outward = np.einsum("ij,ij->i", mesh.vertex_normals, mesh.vertices - centre)
+    assert (outward > 0).mean() > 0.99
+    assert np.allclose(np.linalg.norm(mesh.vertex_normals, axis=1), 1.0, atol=1e-5)
+
+
+def test_mesh_rests_on_ground_with_base_centre_pivot_and_size(cube):
+    r, em = cube
+    lo, hi = em.mesh.bounds
+    assert abs(lo[1]) < 1e-9
+    assert abs(lo[0] + hi[0]) < 1e-9 and abs(lo[2] + hi[2]) < 1e-9
+    assert np.isclose((hi - lo).max(), 1.0)
+    big = extract_mesh(r.density, None, MeshExportConfig(resolution=64, faces=2000, size_m=2.5))
+    assert np.isclose(big.mesh.extents.max(), 2.5)
+    tall = extract_mesh(
+        FakeFieldRenderer("torus").density, None, MeshExportConfig(resolution=64, faces=2000, size_m=0.3, size_axis="height")
+    )
+    assert np.isclose(tall.mesh.extents[1], 0.3)
+    assert tall.mesh.extents[0] > 0.3  # the torus is wider than tall
+
+
+def test_export_to_world_mapping_lands_on_the_surface(cube):
+    r, em = cube
+    pts = np.asarray(em.mesh.vertices)
+    assert np.allclose(em.world_to_export(em.export_to_world(pts)), pts)
+    world = em.export_to_world(pts)
+    # The offset cube is centred at (0.1, 0.2, -0.15) with half-size 0.3 in world space.
+    assert np.allclose((world.min(0) + world.max(0)) / 2, [0.1, 0.2, -0.15], atol=0.01)
+    sdf = r.sdf(torch.tensor(world, dtype=torch.float32)).numpy()
+    assert np.abs(sdf).mean() < 0.01
+
+
+def test_face_budget_is_honoured():
+    r = FakeFieldRenderer("torus")
+    for budget in (500, 2000):
+        em = extract_mesh(r.density, None, MeshExportConfig(resolution=64, faces=budget))
+        assert 0.8 * budget <= len(em.mesh.faces) <= budget
+
+
+def test_auto_threshold_is_scale_free():
+    a = FakeFieldRenderer("torus", peak=1.0)
+    b = FakeFieldRenderer("torus", peak=300.0)
+    cfg = MeshExportConfig(resolution=64, faces=2000)
+    ma, mb = extract_mesh(a.density, None, cfg), extract_mesh(b.density, None, cfg)
+    assert np.isclose(ma.threshold * 300, mb.threshold, rtol=1e-3)
+    assert np.allclose(ma.scale, mb.scale, rtol=1e-3)
+    values = np.concatenate([np.zeros(1000), np.full(100, 0.01), np.full(300, 4.0)])
+    assert 0.01 < auto_threshold(values) < 4.0
+
+
+def test_floaters_are_dropped():
+    class TwoBlobs(FakeFieldRenderer):
+        def sdf(self, xyz):
+            main = torch.linalg.norm(xyz, dim=-1) - 0.3
+            speck = torch.linalg.norm(xyz - torch.tensor([0.7, 0.7, 0.7]), dim=-1) - 0.04
+            return torch.minimum(main, speck)
+
+    r = TwoBlobs("torus")
+    kept = extract_mesh(r.density, None, MeshExportConfig(resolution=64, faces=3000))
+    assert len(kept.mesh.split(only_watertight=False)) == 1
+    both = extract_mesh(r.density, None, MeshExportConfig(resolution=64, faces=3000, min_component_fraction=0.0))
+    assert len(both.mesh.split(only_watertight=False)) == 2
+
+
+def test_empty_density_gives_a_clear_error():
+    r = FakeFieldRenderer("empty")
+    with pytest.raises(ValueError, match="nothing to mesh"):
+        extract_mesh(r.density, None, MeshExportConfig(resolution=32, coarse_resolution=16))
+    zero = lambda xyz: torch.zeros(xyz.shape[0])  # noqa: E731
+    with pytest.raises(ValueError, match="nothing to mesh.*threshold"):
+        extract_mesh(zero, None, MeshExportConfig(resolution=32, threshold=1.0))
+    torus = FakeFieldRenderer("torus", peak=5.0)
+    with pytest.raises(ValueError, match="lower MeshExportConfig.threshold"):
+        extract_mesh(torus.density, None, MeshExportConfig(resolution=32, threshold=50.0))
+
+
+# ---------------------------------------------------------------- texture
+
+
+def test_texture_mean_colour_matches_a_constant_field(cube):
+    r, em = cube
+    tm = bake_texture(em, r.color, TextureConfig(size=128))
+    assert tm.texture.shape == (128, 128, 3) and tm.texture.dtype == np.uint8
+    assert 0.2 < tm.coverage < 1.0
+    mean = tm.texture.reshape(-1, 3).mean(axis=0) / 255.0
+    assert np.allclose(mean, [0.8, 0.3, 0.1], atol=2 / 255)
+
+
+def test_texels_hold_the_colour_of_their_surface_point(textured_torus):
+    _, em, tm = textured_torus
+    size = tm.texture.shape[0]
+    centroids = tm.vertices[tm.faces].mean(axis=1)
+    uv = tm.uvs[tm.faces].mean(axis=1)
+    ij = np.clip((uv * size).astype(int), 0, size - 1)
+    got = tm.texture[ij[:, 1], ij[:, 0]] / 255.0  # glTF convention: v down = image rows
+    want = _field_color(em, centroids)
+    err = np.abs(got - want)
+    assert err.mean() < 0.01 and np.percentile(err, 99) < 0.05
+    assert tm.uvs.min() >= 0 and tm.uvs.max() <= 1
+    assert np.allclose(np.linalg.norm(tm.normals, axis=1), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- glb / obj
+
+
+def test_glb_reads_back_with_texture(tmp_path, textured_torus):
+    _, em, tm = textured_torus
+    path = write_glb(tmp_path / "model.glb", tm, name="torus")
+    gltf = pygltflib.GLTF2().load(str(path))
+    assert gltf.asset.generator.startswith("dreamlab")
+    assert gltf.nodes[0].name == "torus"
+    material = gltf.materials[0].pbrMetallicRoughness
+    assert material.metallicFactor == 0.0 and material.roughnessFactor == 1.0
+    assert material.baseColorTexture.index == 0 and gltf.images[0].mimeType == "image/png"
+    assert gltf.accessors[0].count == len(tm.vertices)
+
+    scene = trimesh.load(path, process=False)
+    (mesh,) = scene.geometry.values()
+    assert len(mesh.vertices) == len(tm.vertices) and len(mesh.faces) == len(tm.faces)
+    assert isinstance(mesh.visual, trimesh.visual.TextureVisuals)
+    image = mesh.visual.material.baseColorTexture
+    assert image is not None and image.size == (256, 256)
+    # trimesh samples the texture at the uvs in its own convention: the colours must match the field.
+    rgb = trimesh.visual.color.uv_to_color(mesh.visual.uv, image)[:, :3] / 255.0
+    assert np.abs(rgb - _field_color(em, mesh.vertices)).mean() < 0.02
+    assert np.isclose(mesh.bounds[0][1], 0.0, atol=1e-6)
+
+
+def test_glb_passes_khronos_validator(tmp_path, textured_torus):
+    _, _, tm = textured_torus
+    path = write_glb(tmp_path / "model.glb", tm)
+    report = run_gltf_validator(path)
+    issues = report["issues"]
+    assert issues["numErrors"] == 0 and issues["numWarnings"] == 0, issues["messages"]
+    assert issues["numInfos"] == 0, issues["messages"]
+    assert report["info"]["hasTextures"] and report["info"]["totalTriangleCount"] == len(tm.faces)
+
+
+def test_obj_reads_back_with_texture(tmp_path, textured_torus):
+    _, em, tm = textured_torus
+    path = write_obj(tmp_path / "model.obj", tm)
+    assert (tmp_path / "model.mtl").exists() and (tmp_path / "model_albedo.png").exists()
+    assert "map_Kd model_albedo.png" in (tmp_path / "model.mtl").read_text()
+    mesh = trimesh.load(path, process=False, maintain_order=True)
+    assert len(mesh.vertices) == len(tm.vertices) and len(mesh.faces) == len(tm.faces)
+    image = mesh.visual.material.image
+    assert image is not None and image.size == (256, 256)
+    rgb = trimesh.visual.color.uv_to_color(mesh.visual.uv, image)[:, :3] / 255.0
+    assert np.abs(rgb - _field_color(em, mesh.vertices)).mean() < 0.02
+    assert mesh.volume > 0
+
+
+# ---------------------------------------------------------------- ply
+
+
+def test_ply_round_trip_in_the_3dgs_layout(tmp_path):
+    splats = random_splats(20, sh_degree=2, seed=3)  # K = 8
+    path = write_splats_ply(tmp_path / "splats.ply", splats)
+    ply = PlyData.read(str(path))
+    names = [p.name for p in ply["vertex"].properties]
+    expected = (
+        ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+        + [f"f_rest_{i}" for i in range(24)]
+        + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    )
+    assert names == expected == splat_property_names(8)
+    assert all(p.val_dtype in ("f4", "float32", "float") for p in ply["vertex"].properties)
+    assert not ply.text and ply.byte_order == "<"
+    v = ply["vertex"].data
+    # Channel-major f_rest: coefficient k of channel c is f_rest_{c * K + k}.
+    assert np.array_equal(v["f_rest_9"], splats.sh_rest[:, 1, 1])
+    assert np.array_equal(v["f_rest_16"], splats.sh_rest[:, 0, 2])
+    assert np.array_equal(v["rot_0"], splats.quats[:, 0])  # w first
+    back = read_splats_ply(path)
+    for name in ("means", "sh_dc", "sh_rest", "opacity_logits", "log_scales", "quats"):
+        assert np.array_equal(getattr(back, name), getattr(splats, name)), name
+
+
+def test_ply_degree_zero_and_bad_shapes(tmp_path):
+    splats = random_splats(5, sh_degree=0)
+    back = read_splats_ply(write_splats_ply(tmp_path / "s.ply", splats))
+    assert back.sh_rest.shape == (5, 0, 3)
+    splats.quats = splats.quats[:, :3]
+    with pytest.raises(ValueError, match="quats"):
+        write_splats_ply(tmp_path / "bad.ply", splats)
+    assert not (tmp_path / "bad.ply").exists()
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_raises(tmp_path):
+    target = tmp_path / "out" / "model.glb"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(b"new but broken")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"old"
+    assert list((tmp_path / "out").iterdir()) == [target]
+
+    with atomic_write(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".glb"
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_failing_writer_leaves_no_video(tmp_path):
+    class Broken(FakeFieldRenderer):
+        def render(self, cams, background):
+            raise RuntimeError("renderer crashed")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        write_turntable(tmp_path / "turntable.mp4", Broken(), num_frames=4, resolution=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- video and one-call exports
+
+
+def test_turntable_and_preview_grid(tmp_path):
+    import imageio.v2 as imageio
+
+    r = FakeFieldRenderer("torus")
+    path = write_turntable(tmp_path / "turntable.mp4", r, num_frames=8, resolution=48, fps=8)
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    frames = [f for f in reader]
+    reader.close()
+    assert len(frames) == 8 and frames[0].shape == (48, 48, 3)
+    assert not np.array_equal(frames[0], frames[4])  # the camera moved
+    with pytest.raises(ValueError, match="even"):
+        write_turntable(tmp_path / "odd.mp4", r, num_frames=2, resolution=33)
+    grid = imageio.imread(str(write_preview_grid(tmp_path / "preview.png", r, num_views=6, resolution=32, columns=3)))
+    assert grid.shape[:2] == (64, 96)
+
+
+def test_export_asset_writes_every_format(tmp_path):
+    result = export_asset(FakeSplatRenderer("torus"), tmp_path / "a", cfg=small_cfg())
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(
+        ["model.glb", "model.obj", "model.mtl", "model_albedo.png", "splats.ply", "turntable.mp4", "preview.png"]
+    )
+    assert result.glb and result.obj and result.ply and result.mp4 and result.png and not result.skipped
+
+    nerf_like = FakeFieldRenderer("cube")
+    result = export_asset(nerf_like, tmp_path / "b", formats=("glb", "ply"), cfg=small_cfg())
+    assert result.glb is not None and result.ply is None and result.skipped
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_asset(nerf_like, tmp_path / "c", formats=("fbx",))
+
+
+def test_export_by_extension(tmp_path):
+    cfg = small_cfg()
+    splat = FakeSplatRenderer("torus")
+    assert export_by_extension(tmp_path / "m.glb", splat, cfg).read_bytes()[:4] == b"glTF"
+    assert export_by_extension(tmp_path / "m.OBJ", splat, cfg).exists()
+    assert (tmp_path / "m.mtl").exists()
+    assert PlyData.read(str(export_by_extension(tmp_path / "s.ply", splat, cfg)))["vertex"].count == 50
+    with pytest.raises(ValueError, match="no Gaussian splats"):
+        export_by_extension(tmp_path / "n.ply", FakeFieldRenderer("cube"), cfg)
+    with pytest.raises(ValueError, match="cannot tell the export format"):
+        export_by_extension(tmp_path / "m.fbx", splat, cfg)
+    assert not (tmp_path / "n.ply").exists() and not (tmp_path / "m.fbx").exists()
