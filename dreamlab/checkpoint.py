@@ -34,12 +34,14 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the file is empty; delete it and resume "
+                              "from an earlier checkpoint, or start a new run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to unpickle means the file is unusable
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception:  # noqa: BLE001 - any failure to unpickle means the file is unusable
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({reason[:120]}); "
+            f"checkpoint {path} is corrupt or truncated (it cannot be read back); "
             "delete it to resume from an earlier checkpoint, or start a new run"
         ) from None
     if not isinstance(state, dict) or any(key not in state for key in _REQUIRED_KEYS):

@@ -116,22 +116,13 @@ def _check_writable(directory: Path) -> None:
         raise UserError(f"cannot write to output folder {directory}: {err.strerror or err}") from None
 
 
-def _apply_export_overrides(export_cfg, faces, size_m, texture_size):
-    changes = {}
-    if faces is not None:
-        changes["faces"] = faces
-    if size_m is not None:
-        changes["size_m"] = size_m
-    if texture_size is not None:
-        changes["texture_size"] = texture_size
-    return dataclasses.replace(export_cfg, **changes) if changes else export_cfg
-
-
 def build_run_config(args: GenerateArgs):
     """GenerateArgs -> validated RunConfig. Raises UserError for bad input."""
     from dreamlab.config import DEFAULT_PRIOR, RunConfig, TrainConfig
     from dreamlab.guidance import GUIDANCES
     from dreamlab.prompts import PromptConfig
+    from dreamlab.renderers.gaussians.model import GaussianConfig
+    from dreamlab.schedules import Piecewise
 
     if args.guidance not in GUIDANCES:
         raise UserError(f"unknown guidance {args.guidance!r}; choose one of: {', '.join(GUIDANCES)}")
@@ -139,20 +130,31 @@ def build_run_config(args: GenerateArgs):
         raise UserError(f"--steps must be a positive number of steps, got {args.steps}")
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.gaussians is not None and args.gaussians < 1:
+        raise UserError(f"--gaussians must be >= 1, got {args.gaussians}")
+    if args.resolution is not None and not 8 <= args.resolution <= 4096:
+        raise UserError(f"--resolution must lie in [8, 4096] pixels, got {args.resolution}")
     guidance = GUIDANCES[args.guidance]()
     if args.guidance_scale is not None:
         if args.guidance_scale < 0:
             raise UserError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
         guidance = dataclasses.replace(guidance, guidance_scale=args.guidance_scale)
+    train = TrainConfig(steps=args.steps, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    if args.resolution is not None:
+        train.resolution = Piecewise((float(args.resolution),), ())
+    renderer = GaussianConfig()
+    if args.gaussians is not None:
+        renderer = dataclasses.replace(renderer, num_init=args.gaussians)
     cfg = RunConfig(
         prompt=args.prompt,
+        renderer=renderer,
         prior=args.prior or DEFAULT_PRIOR,
         guidance=guidance,
         prompt_processing=PromptConfig(negative_prompt=args.negative_prompt),
-        train=TrainConfig(steps=args.steps, seed=args.seed, checkpoint_every=args.checkpoint_every),
+        train=train,
         device=args.device,
     )
-    cfg.export = _apply_export_overrides(cfg.export, args.faces, args.size_m, args.texture_size)
+    cfg.export = cfg.export.with_overrides(args.faces, args.size_m, args.texture_size)
     try:
         cfg.validate()
     except ValueError as err:
@@ -178,39 +180,48 @@ def _setup_run_logging(run_dir: Path) -> logging.Handler:
 
 
 def generate(args: GenerateArgs) -> int:
-    from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint
+    from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
     from dreamlab.config import config_to_json
     from dreamlab.export.atomic import atomic_write_text
     from dreamlab.export import export_asset
-    from dreamlab.priors import PriorLoadError
-    from dreamlab.train import Trainer
+    from dreamlab.priors import PriorLoadError, load_prior
+    from dreamlab.train import Trainer, prior_dtype
 
     cfg = build_run_config(args)
     run_dir = args.out / prompt_slug(cfg.prompt)
-    _check_writable(run_dir)
+    _check_writable(args.out)
     has_checkpoint = find_latest_checkpoint(run_dir / "checkpoints") is not None
     if has_checkpoint and not args.resume:
         raise UserError(
             f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, "
             "or choose another --out"
         )
+    if has_checkpoint:  # fail fast on an unusable checkpoint, before loading the prior
+        try:
+            load_checkpoint(find_latest_checkpoint(run_dir / "checkpoints"))
+        except CheckpointError as err:
+            raise UserError(str(err)) from None
+    device = resolve_device_or_fail(cfg.device)
+    _quiet_library_progress_bars()
+    try:
+        prior = load_prior(cfg.prior, device=device, dtype=prior_dtype(cfg, device))
+    except PriorLoadError as err:
+        raise UserError(str(err)) from None
+    _check_writable(run_dir)
     handler = _setup_run_logging(run_dir)
     try:
+        trainer = Trainer(cfg, prior=prior, run_dir=run_dir)
+        used = trainer.resume() if args.resume else None
         atomic_write_text(run_dir / "config.json", config_to_json(cfg))
         _say(f"dreamlab: generating {cfg.prompt!r} into {run_dir}")
-        try:
-            trainer = Trainer(cfg, run_dir=run_dir)
-        except PriorLoadError as err:
-            raise UserError(str(err)) from None
         if args.resume:
-            used = trainer.resume()
             _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else
                  "dreamlab: no checkpoint found, starting from scratch")
         code = _run_loop(trainer, quiet=args.quiet)
         if code != 0:
             return code
         started = time.perf_counter()
-        written = export_asset(trainer.renderer, run_dir, cfg.export)
+        written = export_asset(trainer.renderer, run_dir, cfg.export, formats=args.formats)
         log.info("export took %.1f s", time.perf_counter() - started)
         for path in written:
             _say(f"  wrote {path}")
@@ -220,6 +231,24 @@ def generate(args: GenerateArgs) -> int:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def resolve_device_or_fail(name: str):
+    from dreamlab.train import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _quiet_library_progress_bars() -> None:
+    """diffusers/transformers print weight-loading bars; dreamlab shows its own progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _say(text: str) -> None:
@@ -274,9 +303,9 @@ def export(args: ExportArgs) -> int:
         cfg = config_from_json(state["config_json"])
     except (CheckpointError, ValueError) as err:
         raise UserError(str(err)) from None
-    cfg.export = _apply_export_overrides(cfg.export, args.faces, args.size_m, args.texture_size)
+    cfg.export = cfg.export.with_overrides(args.faces, args.size_m, args.texture_size)
     try:
-        cfg.export.validate() if hasattr(cfg.export, "validate") else None
+        cfg.export.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
     renderer = build_renderer(cfg, torch.Generator().manual_seed(0), torch.device("cpu"))

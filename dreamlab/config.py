@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from dreamlab import schedules
 from dreamlab.cameras import CameraSamplerConfig
-from dreamlab.export.mesh import MeshExportConfig
+from dreamlab.export import ExportConfig, VideoConfig
 from dreamlab.guidance import GUIDANCES
 from dreamlab.guidance.sds import SDSConfig
 from dreamlab.prompts import PromptConfig
@@ -26,6 +26,9 @@ from dreamlab.renderers.gaussians.model import GaussianConfig
 
 MAX_PROMPT_CHARS = 1000
 """Longer prompts are refused: text encoders read 77 tokens, the rest would be silently lost."""
+
+CPU_FRIENDLY_VIDEO = VideoConfig(num_frames=72, resolution=256, fps=24)
+"""Default turntable: 3 s at 256 px renders in seconds on a CPU (pass a bigger one on a GPU)."""
 
 GuidanceConfig = SDSConfig
 """Union of every guidance config type (only SDS so far)."""
@@ -87,7 +90,8 @@ class RunConfig:
     """3D representation and its settings."""
     prompt_processing: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    export: MeshExportConfig = field(default_factory=MeshExportConfig)
+    export: ExportConfig = field(default_factory=lambda: ExportConfig(video=CPU_FRIENDLY_VIDEO))
+    """Mesh extraction, texture bake and video settings."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
     half_precision: bool = True

@@ -48,6 +48,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def prior_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    """fp16 for the frozen prior on GPU when ``half_precision`` is set, else fp32."""
+    return torch.float16 if (device.type == "cuda" and cfg.half_precision) else torch.float32
+
+
 def build_renderer(cfg: RunConfig, generator: torch.Generator, device: torch.device) -> Renderer:
     """Builds the (freshly initialised) representation named by ``cfg.renderer``."""
     if isinstance(cfg.renderer, GaussianConfig):
@@ -85,8 +90,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = resolve_device(cfg.device)
         if prior is None:
-            dtype = torch.float16 if (self.device.type == "cuda" and cfg.half_precision) else torch.float32
-            prior = load_prior(cfg.prior, device=self.device, dtype=dtype)
+            prior = load_prior(cfg.prior, device=self.device, dtype=prior_dtype(cfg, self.device))
         self.prior = prior
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
         self.renderer = build_renderer(cfg, self.generator, self.device)

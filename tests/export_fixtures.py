@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from dreamlab.export.ply import SplatArrays
-from dreamlab.types import Cameras, RenderOutput
 from dreamlab.renderers.base import ParamGroup, Renderer
+from dreamlab.types import Cameras, RenderOutput
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 
@@ -133,7 +133,9 @@ def run_gltf_validator(path: Path) -> dict:
     Raises AssertionError (a test failure, never a skip) when node or the npm package is missing.
     """
     node = shutil.which("node")
-    assert node is not None, "node is not on PATH: install Node.js >= 18 to run the glTF validator test"
+    assert (
+        node is not None
+    ), "node is not on PATH: install Node.js >= 18 to run the glTF validator test"
     assert (JS_DIR / "node_modules" / "gltf-validator").is_dir(), (
         f"gltf-validator is not installed: run `npm ci --prefix {JS_DIR.relative_to(JS_DIR.parents[1])}` "
         "from the repository root"
@@ -143,3 +145,7 @@ def run_gltf_validator(path: Path) -> dict:
     )
     assert proc.returncode == 0, f"validator failed ({proc.returncode}): {proc.stderr}"
     return json.loads(proc.stdout)
+
+
+validate_glb = run_gltf_validator
+"""Alias used by the CLI end-to-end tests."""

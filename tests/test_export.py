@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pygltflib
 import pytest
@@ -32,7 +30,13 @@ from dreamlab.export import (
 )
 
 try:
-    from export_fixtures import FakeFieldRenderer, FakeSplatRenderer, gradient_color, random_splats, run_gltf_validator
+    from export_fixtures import (
+        FakeFieldRenderer,
+        FakeSplatRenderer,
+        gradient_color,
+        random_splats,
+        run_gltf_validator,
+    )
 except ImportError:  # tests/ imported as a package
     from tests.export_fixtures import (  # type: ignore[no-redef]
         FakeFieldRenderer,
@@ -50,7 +54,9 @@ def small_cfg() -> ExportConfig:
     return ExportConfig(
         mesh=MeshExportConfig(resolution=64, faces=1500),
         texture=TextureConfig(size=128),
-        video=VideoConfig(num_frames=6, resolution=64, fps=10, grid_views=4, grid_columns=2, grid_resolution=32),
+        video=VideoConfig(
+            num_frames=6, resolution=64, fps=10, grid_views=4, grid_columns=2, grid_resolution=32
+        ),
     )
 
 
@@ -120,7 +126,9 @@ def test_mesh_rests_on_ground_with_base_centre_pivot_and_size(cube):
     big = extract_mesh(r.density, None, MeshExportConfig(resolution=64, faces=2000, size_m=2.5))
     assert np.isclose(big.mesh.extents.max(), 2.5)
     tall = extract_mesh(
-        FakeFieldRenderer("torus").density, None, MeshExportConfig(resolution=64, faces=2000, size_m=0.3, size_axis="height")
+        FakeFieldRenderer("torus").density,
+        None,
+        MeshExportConfig(resolution=64, faces=2000, size_m=0.3, size_axis="height"),
     )
     assert np.isclose(tall.mesh.extents[1], 0.3)
     assert tall.mesh.extents[0] > 0.3  # the torus is wider than tall
@@ -150,7 +158,7 @@ def test_auto_threshold_is_scale_free():
     cfg = MeshExportConfig(resolution=64, faces=2000)
     ma, mb = extract_mesh(a.density, None, cfg), extract_mesh(b.density, None, cfg)
     assert np.isclose(ma.threshold * 300, mb.threshold, rtol=1e-3)
-    assert np.allclose(ma.scale, mb.scale, rtol=1e-3)
+    assert np.isclose(ma.scale, mb.scale, rtol=1e-2)  # decimation may pick other collapses
     values = np.concatenate([np.zeros(1000), np.full(100, 0.01), np.full(300, 4.0)])
     assert 0.01 < auto_threshold(values) < 4.0
 
@@ -165,7 +173,9 @@ def test_floaters_are_dropped():
     r = TwoBlobs("torus")
     kept = extract_mesh(r.density, None, MeshExportConfig(resolution=64, faces=3000))
     assert len(kept.mesh.split(only_watertight=False)) == 1
-    both = extract_mesh(r.density, None, MeshExportConfig(resolution=64, faces=3000, min_component_fraction=0.0))
+    both = extract_mesh(
+        r.density, None, MeshExportConfig(resolution=64, faces=3000, min_component_fraction=0.0)
+    )
     assert len(both.mesh.split(only_watertight=False)) == 2
 
 
@@ -344,34 +354,71 @@ def test_turntable_and_preview_grid(tmp_path):
     assert not np.array_equal(frames[0], frames[4])  # the camera moved
     with pytest.raises(ValueError, match="even"):
         write_turntable(tmp_path / "odd.mp4", r, num_frames=2, resolution=33)
-    grid = imageio.imread(str(write_preview_grid(tmp_path / "preview.png", r, num_views=6, resolution=32, columns=3)))
+    grid = imageio.imread(
+        str(write_preview_grid(tmp_path / "preview.png", r, num_views=6, resolution=32, columns=3))
+    )
     assert grid.shape[:2] == (64, 96)
 
 
 def test_export_asset_writes_every_format(tmp_path):
-    result = export_asset(FakeSplatRenderer("torus"), tmp_path / "a", cfg=small_cfg())
+    result = export_asset(FakeSplatRenderer("torus"), tmp_path / "a", small_cfg())
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(
-        ["model.glb", "model.obj", "model.mtl", "model_albedo.png", "splats.ply", "turntable.mp4", "preview.png"]
+        [
+            "model.glb",
+            "model.obj",
+            "model.mtl",
+            "model_albedo.png",
+            "splats.ply",
+            "turntable.mp4",
+            "preview.png",
+        ]
     )
-    assert result.glb and result.obj and result.ply and result.mp4 and result.png and not result.skipped
+    assert (
+        result.glb
+        and result.obj
+        and result.ply
+        and result.mp4
+        and result.png
+        and not result.skipped
+    )
+    assert sorted(p.name for p in result) == names  # iterating yields every file written
 
     nerf_like = FakeFieldRenderer("cube")
-    result = export_asset(nerf_like, tmp_path / "b", formats=("glb", "ply"), cfg=small_cfg())
+    result = export_asset(nerf_like, tmp_path / "b", small_cfg(), formats=("glb", "ply"))
     assert result.glb is not None and result.ply is None and result.skipped
+    assert [p.name for p in result] == ["model.glb"]
     with pytest.raises(ValueError, match="unknown export format"):
         export_asset(nerf_like, tmp_path / "c", formats=("fbx",))
+    # A bare MeshExportConfig is accepted as the mesh part of the defaults.
+    result = export_asset(
+        nerf_like, tmp_path / "d", MeshExportConfig(resolution=48, faces=800), formats=("glb",)
+    )
+    assert len(trimesh.load(result.glb).geometry["dreamlab_model"].faces) <= 800
+
+
+def test_export_config_overrides_and_validation():
+    cfg = ExportConfig().with_overrides(faces=1234, size_m=2.0, texture_size=512)
+    assert (cfg.mesh.faces, cfg.mesh.size_m, cfg.texture.size) == (1234, 2.0, 512)
+    assert ExportConfig().with_overrides() == ExportConfig()
+    with pytest.raises(ValueError, match="face budget"):
+        ExportConfig().with_overrides(faces=0).validate()
+    with pytest.raises(ValueError, match="texture size"):
+        ExportConfig().with_overrides(texture_size=3).validate()
 
 
 def test_export_by_extension(tmp_path):
     cfg = small_cfg()
     splat = FakeSplatRenderer("torus")
-    assert export_by_extension(tmp_path / "m.glb", splat, cfg).read_bytes()[:4] == b"glTF"
-    assert export_by_extension(tmp_path / "m.OBJ", splat, cfg).exists()
-    assert (tmp_path / "m.mtl").exists()
-    assert PlyData.read(str(export_by_extension(tmp_path / "s.ply", splat, cfg)))["vertex"].count == 50
+    (glb,) = export_by_extension(splat, tmp_path / "m.glb", cfg)
+    assert glb.read_bytes()[:4] == b"glTF"
+    written = export_by_extension(splat, tmp_path / "m.OBJ", cfg)
+    assert sorted(p.name for p in written) == ["m.OBJ", "m.mtl", "m_albedo.png"]
+    assert all(p.exists() for p in written)
+    (ply,) = export_by_extension(splat, tmp_path / "s.ply", cfg)
+    assert PlyData.read(str(ply))["vertex"].count == 50
     with pytest.raises(ValueError, match="no Gaussian splats"):
-        export_by_extension(tmp_path / "n.ply", FakeFieldRenderer("cube"), cfg)
+        export_by_extension(FakeFieldRenderer("cube"), tmp_path / "n.ply", cfg)
     with pytest.raises(ValueError, match="cannot tell the export format"):
-        export_by_extension(tmp_path / "m.fbx", splat, cfg)
+        export_by_extension(splat, tmp_path / "m.fbx", cfg)
     assert not (tmp_path / "n.ply").exists() and not (tmp_path / "m.fbx").exists()

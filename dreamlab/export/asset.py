@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dreamlab.export.gltf import write_glb
@@ -33,26 +33,61 @@ FILE_NAMES: dict[str, str] = {
 
 @dataclass
 class ExportConfig:
-    """Options of every exporter, composed."""
+    """Options of every exporter, composed (what a run config holds as its ``export`` field)."""
 
     mesh: MeshExportConfig = field(default_factory=MeshExportConfig)
+    """Grid, threshold, face budget, size in metres (``mesh.faces``, ``mesh.size_m``)."""
     texture: TextureConfig = field(default_factory=TextureConfig)
+    """UV atlas and texture bake (``texture.size`` is the texture resolution)."""
     video: VideoConfig = field(default_factory=VideoConfig)
+    """Turntable video and preview grid."""
     name: str = "dreamlab_model"
     """Node / mesh name inside the .glb."""
+
+    def with_overrides(
+        self, faces: int | None = None, size_m: float | None = None, texture_size: int | None = None
+    ) -> ExportConfig:
+        """A copy with the headline knobs (CLI flags --faces, --size-m, --texture-size) replaced."""
+        mesh = self.mesh if faces is None else replace(self.mesh, faces=faces)
+        mesh = mesh if size_m is None else replace(mesh, size_m=size_m)
+        texture = self.texture if texture_size is None else replace(self.texture, size=texture_size)
+        return replace(self, mesh=mesh, texture=texture)
+
+    def validate(self) -> None:
+        self.mesh.validate()
+        self.texture.validate()
+        self.video.validate()
+        if not self.name:
+            raise ValueError("the export name must not be empty")
 
 
 @dataclass
 class ExportResult:
-    """Paths written by :func:`export_asset` (None where a format was not requested or skipped)."""
+    """Files written by :func:`export_asset`; iterating yields every file written."""
 
     glb: Path | None = None
     obj: Path | None = None
     ply: Path | None = None
     mp4: Path | None = None
     png: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    """Every file written, in order (the .obj's .mtl and texture included)."""
     skipped: list[str] = field(default_factory=list)
     """Formats requested but not applicable, with the reason (e.g. ply for a NeRF)."""
+
+    def __iter__(self) -> Iterator[Path]:
+        return iter(self.files)
+
+
+def as_export_config(cfg: ExportConfig | MeshExportConfig | None) -> ExportConfig:
+    """``None`` -> defaults; a bare :class:`MeshExportConfig` -> defaults with that mesh config."""
+    if cfg is None:
+        return ExportConfig()
+    if isinstance(cfg, ExportConfig):
+        return cfg
+    if isinstance(cfg, MeshExportConfig):
+        return ExportConfig(mesh=cfg)
+    raise TypeError(f"expected an ExportConfig (or MeshExportConfig), got {type(cfg).__name__}")
 
 
 def has_splats(renderer: Renderer) -> bool:
@@ -61,20 +96,28 @@ def has_splats(renderer: Renderer) -> bool:
 
 
 def textured_mesh(
-    renderer: Renderer, cfg: ExportConfig | None = None
+    renderer: Renderer, cfg: ExportConfig | MeshExportConfig | None = None
 ) -> tuple[ExtractedMesh, TexturedMesh]:
     """Marching-cubes mesh + baked texture of a renderer (what the .glb and .obj writers take)."""
-    cfg = cfg or ExportConfig()
+    cfg = as_export_config(cfg)
     device = renderer_device(renderer)
     extracted = extract_mesh(renderer.density, None, cfg.mesh, device=device)
     return extracted, bake_texture(extracted, renderer.color, cfg.texture, device=device)
 
 
+def _obj_files(obj_path: Path) -> list[Path]:
+    return [
+        obj_path.with_name(f"{obj_path.stem}_albedo.png"),
+        obj_path.with_suffix(".mtl"),
+        obj_path,
+    ]
+
+
 def export_asset(
     renderer: Renderer,
     out_dir: str | os.PathLike[str],
+    cfg: ExportConfig | MeshExportConfig | None = None,
     formats: Sequence[str] = FORMATS,
-    cfg: ExportConfig | None = None,
 ) -> ExportResult:
     """Writes the requested formats of ``renderer`` into ``out_dir`` (see :data:`FILE_NAMES`).
 
@@ -82,7 +125,9 @@ def export_asset(
     noted in ``skipped``) when the renderer has no ``splat_arrays()``. Every file is written
     atomically, so an interrupted export never leaves a truncated file under a final name.
     """
-    cfg = cfg or ExportConfig()
+    cfg = as_export_config(cfg)
+    cfg.validate()
+    formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
@@ -93,49 +138,57 @@ def export_asset(
         _, textured = textured_mesh(renderer, cfg)
         if "glb" in formats:
             result.glb = write_glb(out / FILE_NAMES["glb"], textured, cfg.name)
+            result.files.append(result.glb)
         if "obj" in formats:
             result.obj = write_obj(out / FILE_NAMES["obj"], textured)
+            result.files.extend(_obj_files(result.obj))
     if "ply" in formats:
         if has_splats(renderer):
             result.ply = write_splats_ply(out / FILE_NAMES["ply"], renderer.splat_arrays())  # type: ignore[attr-defined]
+            result.files.append(result.ply)
         else:
             result.skipped.append(f"ply: {type(renderer).__name__} has no splat_arrays()")
             log.info("export: %s", result.skipped[-1])
     if "mp4" in formats:
         result.mp4 = write_turntable(out / FILE_NAMES["mp4"], renderer, cfg=cfg.video)
+        result.files.append(result.mp4)
     if "png" in formats:
         result.png = write_preview_grid(out / FILE_NAMES["png"], renderer, cfg=cfg.video)
+        result.files.append(result.png)
     return result
 
 
 def export_by_extension(
-    path: str | os.PathLike[str], renderer: Renderer, cfg: ExportConfig | None = None
-) -> Path:
-    """Writes one file whose format is chosen by ``path``'s extension.
+    renderer: Renderer,
+    path: str | os.PathLike[str],
+    cfg: ExportConfig | MeshExportConfig | None = None,
+) -> list[Path]:
+    """Writes one asset whose format is chosen by ``path``'s extension; returns the files written.
 
-    ``.glb`` textured mesh; ``.obj`` textured mesh (+ ``.mtl`` + ``_albedo.png`` beside it);
+    ``.glb`` textured mesh; ``.obj`` textured mesh (+ ``.mtl`` + ``<stem>_albedo.png`` beside it);
     ``.ply`` Gaussian splats (renderer must have ``splat_arrays()``); ``.mp4`` turntable video;
     ``.png`` preview grid.
     """
-    cfg = cfg or ExportConfig()
+    cfg = as_export_config(cfg)
+    cfg.validate()
     path = Path(path)
     ext = path.suffix.lower().lstrip(".")
+    if ext not in FORMATS:
+        raise ValueError(
+            f"cannot tell the export format of {path.name!r}: use one of .glb .obj .ply .mp4 .png"
+        )
+    if ext == "ply" and not has_splats(renderer):
+        raise ValueError(
+            f"cannot write {path.name}: {type(renderer).__name__} has no Gaussian splats "
+            "(splat_arrays()); export a mesh (.glb/.obj) instead"
+        )
     if ext in ("glb", "obj"):
         _, textured = textured_mesh(renderer, cfg)
         if ext == "glb":
-            return write_glb(path, textured, cfg.name)
-        return write_obj(path, textured)
+            return [write_glb(path, textured, cfg.name)]
+        return _obj_files(write_obj(path, textured))
     if ext == "ply":
-        if not has_splats(renderer):
-            raise ValueError(
-                f"cannot write {path.name}: {type(renderer).__name__} has no Gaussian splats "
-                "(splat_arrays()); export a mesh (.glb/.obj) instead"
-            )
-        return write_splats_ply(path, renderer.splat_arrays())  # type: ignore[attr-defined]
+        return [write_splats_ply(path, renderer.splat_arrays())]  # type: ignore[attr-defined]
     if ext == "mp4":
-        return write_turntable(path, renderer, cfg=cfg.video)
-    if ext == "png":
-        return write_preview_grid(path, renderer, cfg=cfg.video)
-    raise ValueError(
-        f"cannot tell the export format of {path.name!r}: use one of .glb .obj .ply .mp4 .png"
-    )
+        return [write_turntable(path, renderer, cfg=cfg.video)]
+    return [write_preview_grid(path, renderer, cfg=cfg.video)]

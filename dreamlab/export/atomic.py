@@ -14,6 +14,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import: os.umask is process-wide, not thread-safe
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -38,11 +41,11 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if not tmp.exists():
-            raise FileNotFoundError(f"the writer for {final} did not create its temporary file {tmp}")
+            raise FileNotFoundError(
+                f"the writer for {final} did not create its temporary file {tmp}"
+            )
         # mkstemp makes the file 0600; give the published file the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

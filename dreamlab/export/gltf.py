@@ -66,7 +66,9 @@ def glb_bytes(mesh: TexturedMesh, name: str = "dreamlab_model") -> bytes:
         while len(blob) % 4:
             blob.append(0)
         views.append(
-            pygltflib.BufferView(buffer=0, byteOffset=len(blob), byteLength=len(data), target=target)
+            pygltflib.BufferView(
+                buffer=0, byteOffset=len(blob), byteLength=len(data), target=target
+            )
         )
         blob.extend(data)
         return len(views) - 1
@@ -138,7 +140,9 @@ def glb_bytes(mesh: TexturedMesh, name: str = "dreamlab_model") -> bytes:
                 magFilter=_LINEAR, minFilter=_LINEAR_MIPMAP_LINEAR, wrapS=_REPEAT, wrapT=_REPEAT
             )
         ],
-        images=[pygltflib.Image(bufferView=image_view, mimeType="image/png", name=f"{name}_basecolor")],
+        images=[
+            pygltflib.Image(bufferView=image_view, mimeType="image/png", name=f"{name}_basecolor")
+        ],
         accessors=accessors,
         bufferViews=views,
         buffers=[pygltflib.Buffer(byteLength=len(blob))],
@@ -147,6 +151,8 @@ def glb_bytes(mesh: TexturedMesh, name: str = "dreamlab_model") -> bytes:
     return b"".join(gltf.save_to_bytes())
 
 
-def write_glb(path: str | os.PathLike[str], mesh: TexturedMesh, name: str = "dreamlab_model") -> Path:
+def write_glb(
+    path: str | os.PathLike[str], mesh: TexturedMesh, name: str = "dreamlab_model"
+) -> Path:
     """Writes ``mesh`` as a self-contained .glb (atomically). Returns the path."""
     return atomic_write_bytes(path, glb_bytes(mesh, name))

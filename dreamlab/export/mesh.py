@@ -75,14 +75,22 @@ class MeshExportConfig:
             raise ValueError(f"mesh coarse_resolution must be >= 8, got {self.coarse_resolution}")
         lo, hi = np.asarray(self.bbox_min, float), np.asarray(self.bbox_max, float)
         if lo.shape != (3,) or hi.shape != (3,) or not np.all(hi > lo):
-            raise ValueError(f"mesh bbox must satisfy bbox_min < bbox_max per axis, got {self.bbox_min}, {self.bbox_max}")
+            raise ValueError(
+                f"mesh bbox must satisfy bbox_min < bbox_max per axis, got {self.bbox_min}, {self.bbox_max}"
+            )
         if isinstance(self.threshold, str):
             if self.threshold != "auto":
-                raise ValueError(f"mesh threshold must be a positive number or 'auto', got {self.threshold!r}")
+                raise ValueError(
+                    f"mesh threshold must be a positive number or 'auto', got {self.threshold!r}"
+                )
         elif not (math.isfinite(self.threshold) and self.threshold > 0):
-            raise ValueError(f"mesh threshold must be a positive number or 'auto', got {self.threshold}")
+            raise ValueError(
+                f"mesh threshold must be a positive number or 'auto', got {self.threshold}"
+            )
         if not 0.0 <= self.min_component_fraction <= 1.0:
-            raise ValueError(f"min_component_fraction must lie in [0, 1], got {self.min_component_fraction}")
+            raise ValueError(
+                f"min_component_fraction must lie in [0, 1], got {self.min_component_fraction}"
+            )
         if self.faces < 4:
             raise ValueError(f"mesh face budget must be >= 4, got {self.faces}")
         if not self.size_m > 0:
@@ -130,7 +138,10 @@ def renderer_device(module: torch.nn.Module) -> torch.device:
 
 
 def query_field(
-    fn: FieldFn, points: np.ndarray, chunk_size: int = 262144, device: torch.device | str | None = None
+    fn: FieldFn,
+    points: np.ndarray,
+    chunk_size: int = 262144,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Evaluates a torch field on numpy points [N, 3] in chunks, without gradients -> numpy."""
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -161,7 +172,9 @@ def sample_density_grid(
     """Density at the nodes of a ``resolution``^3 grid spanning the box -> [R, R, R] indexed [x, y, z]."""
     xs, ys, zs = _grid_axes(np.asarray(bbox_min), np.asarray(bbox_max), resolution)
     grid = np.stack(np.meshgrid(xs, ys, zs, indexing="ij"), axis=-1).reshape(-1, 3)
-    values = query_field(density_fn, grid, chunk_size, device).reshape(resolution, resolution, resolution)
+    values = query_field(density_fn, grid, chunk_size, device).reshape(
+        resolution, resolution, resolution
+    )
     if not np.all(np.isfinite(values)):
         bad = int((~np.isfinite(values)).sum())
         log.warning("density field returned %d non-finite values; treating them as empty", bad)
@@ -188,7 +201,9 @@ def auto_threshold(values: np.ndarray, floor_fraction: float = 1e-3) -> float:
     return float(np.clip(thr, 0.02 * vmax, 0.98 * vmax))
 
 
-def _empty_error(max_density: float, threshold: float | str, lo: np.ndarray, hi: np.ndarray) -> ValueError:
+def _empty_error(
+    max_density: float, threshold: float | str, lo: np.ndarray, hi: np.ndarray
+) -> ValueError:
     box = f"[{', '.join(f'{v:g}' for v in lo)}]..[{', '.join(f'{v:g}' for v in hi)}]"
     return ValueError(
         f"nothing to mesh: the density field never reaches the threshold {threshold} inside the box {box} "
@@ -197,7 +212,9 @@ def _empty_error(max_density: float, threshold: float | str, lo: np.ndarray, hi:
     )
 
 
-def _resolve_threshold(values: np.ndarray, cfg: MeshExportConfig, lo: np.ndarray, hi: np.ndarray) -> float:
+def _resolve_threshold(
+    values: np.ndarray, cfg: MeshExportConfig, lo: np.ndarray, hi: np.ndarray
+) -> float:
     vmax = float(values.max())
     if cfg.threshold == "auto":
         thr = auto_threshold(values, cfg.auto_floor_fraction)
@@ -224,7 +241,9 @@ def _tight_box(
     return np.maximum(new_lo, lo), np.minimum(new_hi, hi)
 
 
-def _marching_cubes(values: np.ndarray, threshold: float, lo: np.ndarray, hi: np.ndarray) -> trimesh.Trimesh:
+def _marching_cubes(
+    values: np.ndarray, threshold: float, lo: np.ndarray, hi: np.ndarray
+) -> trimesh.Trimesh:
     from skimage.measure import marching_cubes
 
     res = values.shape[0]
@@ -251,7 +270,9 @@ def _remove_floaters(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trim
     sizes = np.array([len(p.faces) for p in parts])
     keep = [p for p, n in zip(parts, sizes) if n >= min_fraction * sizes.max()]
     if len(keep) < len(parts):
-        log.info("mesh export: dropped %d floater components (of %d)", len(parts) - len(keep), len(parts))
+        log.info(
+            "mesh export: dropped %d floater components (of %d)", len(parts) - len(keep), len(parts)
+        )
     return trimesh.util.concatenate(keep) if len(keep) > 1 else keep[0]
 
 
@@ -263,7 +284,9 @@ def _clean(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return mesh
 
 
-def decimate(mesh: trimesh.Trimesh, max_faces: int, cell_size: float | None = None) -> trimesh.Trimesh:
+def decimate(
+    mesh: trimesh.Trimesh, max_faces: int, cell_size: float | None = None
+) -> trimesh.Trimesh:
     """Quadric decimation (fast_simplification via trimesh) to at most ``max_faces`` triangles.
 
     Marching cubes leaves near-zero-area slivers where the surface passes close to grid nodes
@@ -280,17 +303,25 @@ def decimate(mesh: trimesh.Trimesh, max_faces: int, cell_size: float | None = No
     for jitter in (0.0, 0.02, 0.05, 0.1, 0.2):
         source = mesh.copy()
         if jitter > 0:
-            source.vertices = source.vertices + rng.normal(scale=jitter * cell_size, size=source.vertices.shape)
+            source.vertices = source.vertices + rng.normal(
+                scale=jitter * cell_size, size=source.vertices.shape
+            )
         out = _clean(source.simplify_quadric_decimation(face_count=max_faces))
         if len(out.faces) < len(best.faces):
             best = out
         if len(best.faces) <= max_faces:
             return best
-        log.info("mesh export: decimation stalled at %d faces (budget %d), retrying with jitter", len(out.faces), max_faces)
+        log.info(
+            "mesh export: decimation stalled at %d faces (budget %d), retrying with jitter",
+            len(out.faces),
+            max_faces,
+        )
     # Last resort: decimate the best result again with a lower target.
     out = _clean(best.simplify_quadric_decimation(face_count=max(4, int(max_faces * 0.8))))
     if len(out.faces) > max_faces:
-        raise RuntimeError(f"decimation could not reach the face budget {max_faces} (got {len(out.faces)})")
+        raise RuntimeError(
+            f"decimation could not reach the face budget {max_faces} (got {len(out.faces)})"
+        )
     return out
 
 
@@ -330,7 +361,9 @@ def extract_mesh(
     hi = np.asarray(cfg.bbox_max, dtype=np.float64)
 
     if cfg.tighten_bbox:
-        coarse = sample_density_grid(density_fn, lo, hi, cfg.coarse_resolution, cfg.chunk_size, device)
+        coarse = sample_density_grid(
+            density_fn, lo, hi, cfg.coarse_resolution, cfg.chunk_size, device
+        )
         coarse_thr = _resolve_threshold(coarse, cfg, lo, hi)
         lo, hi = _tight_box(coarse, coarse_thr, lo, hi)
     values = sample_density_grid(density_fn, lo, hi, cfg.resolution, cfg.chunk_size, device)
@@ -351,7 +384,9 @@ def extract_mesh(
     extent = vmax - vmin
     reference = float(extent.max() if cfg.size_axis == "max" else extent[1])
     if not reference > 0:
-        raise ValueError(f"the extracted mesh is flat along {cfg.size_axis!r}; cannot scale it to {cfg.size_m} m")
+        raise ValueError(
+            f"the extracted mesh is flat along {cfg.size_axis!r}; cannot scale it to {cfg.size_m} m"
+        )
     scale = cfg.size_m / reference
     world_base = np.array([(vmin[0] + vmax[0]) / 2, vmin[1], (vmin[2] + vmax[2]) / 2])
     world_vertices = np.asarray(mesh.vertices, dtype=np.float64)
@@ -366,7 +401,10 @@ def extract_mesh(
         out.visual.vertex_colors = np.round(rgba).astype(np.uint8)
     log.info(
         "mesh export: threshold %.4g, %d vertices, %d faces, scale %.4g m/unit",
-        threshold, len(out.vertices), len(out.faces), scale,
+        threshold,
+        len(out.vertices),
+        len(out.faces),
+        scale,
     )
     return ExtractedMesh(
         mesh=out, scale=scale, world_base=world_base, threshold=threshold, bbox_min=lo, bbox_max=hi

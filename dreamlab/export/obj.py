@@ -26,7 +26,9 @@ def _rows(fmt: str, array: np.ndarray) -> str:
     return buf.getvalue()
 
 
-def write_obj(path: str | os.PathLike[str], mesh: TexturedMesh, material_name: str = "dreamlab_material") -> Path:
+def write_obj(
+    path: str | os.PathLike[str], mesh: TexturedMesh, material_name: str = "dreamlab_material"
+) -> Path:
     """Writes ``path`` (.obj), ``path.with_suffix('.mtl')`` and ``<stem>_albedo.png``. Returns the .obj path."""
     obj_path = Path(path)
     mtl_path = obj_path.with_suffix(".mtl")
@@ -49,19 +51,15 @@ def write_obj(path: str | os.PathLike[str], mesh: TexturedMesh, material_name: s
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     normals = np.asarray(mesh.normals, dtype=np.float64)
     uvs = np.asarray(mesh.uvs, dtype=np.float64)
-    vt = np.stack([uvs[:, 0], 1.0 - uvs[:, 1]], axis=1)  # glTF (top-left origin) -> OBJ (bottom-left)
+    vt = np.stack(
+        [uvs[:, 0], 1.0 - uvs[:, 1]], axis=1
+    )  # glTF (top-left origin) -> OBJ (bottom-left)
     f = np.asarray(mesh.faces, dtype=np.int64) + 1
     face_cols = np.repeat(f, 3, axis=1)  # v/vt/vn share the index: one vertex = one (v, vt, vn)
-    text = (
-        "# dreamlab\n"
-        f"mtllib {mtl_path.name}\n"
-        "o dreamlab_model\n"
-        + _rows("v %.6f %.6f %.6f", vertices)
-        + _rows("vt %.6f %.6f", vt)
-        + _rows("vn %.6f %.6f %.6f", normals)
-        + f"usemtl {material_name}\n"
-        + "s 1\n"
-        + _rows("f %d/%d/%d %d/%d/%d %d/%d/%d", face_cols)
-    )
+    text = "# dreamlab\n" f"mtllib {mtl_path.name}\n" "o dreamlab_model\n" + _rows(
+        "v %.6f %.6f %.6f", vertices
+    ) + _rows("vt %.6f %.6f", vt) + _rows(
+        "vn %.6f %.6f %.6f", normals
+    ) + f"usemtl {material_name}\n" + "s 1\n" + _rows("f %d/%d/%d %d/%d/%d %d/%d/%d", face_cols)
     atomic_write_text(obj_path, text)
     return obj_path

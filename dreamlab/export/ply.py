@@ -90,7 +90,9 @@ def write_splats_ply(path: str | os.PathLike[str], arrays: SplatArrays) -> Path:
             _as_numpy(arrays.means),
             np.zeros((n, 3), dtype=np.float32),
             _as_numpy(arrays.sh_dc),
-            rest.transpose(0, 2, 1).reshape(n, 3 * k),  # channel-major: R coeffs, G coeffs, B coeffs
+            rest.transpose(0, 2, 1).reshape(
+                n, 3 * k
+            ),  # channel-major: R coeffs, G coeffs, B coeffs
             _as_numpy(arrays.opacity_logits).reshape(n, 1),
             _as_numpy(arrays.log_scales),
             _as_numpy(arrays.quats),
@@ -114,7 +116,9 @@ def read_splats_ply(path: str | os.PathLike[str]) -> SplatArrays:
     v = ply["vertex"].data
     names = v.dtype.names or ()
     n = len(v)
-    rest_names = sorted((p for p in names if p.startswith("f_rest_")), key=lambda p: int(p.split("_")[-1]))
+    rest_names = sorted(
+        (p for p in names if p.startswith("f_rest_")), key=lambda p: int(p.split("_")[-1])
+    )
     if len(rest_names) % 3:
         raise ValueError(f"{path}: {len(rest_names)} f_rest properties is not a multiple of 3")
     k = len(rest_names) // 3

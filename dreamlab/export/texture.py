@@ -75,7 +75,10 @@ def unwrap_uv(
     import xatlas
 
     atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(vertices, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.uint32))
+    atlas.add_mesh(
+        np.ascontiguousarray(vertices, dtype=np.float32),
+        np.ascontiguousarray(faces, dtype=np.uint32),
+    )
     chart = xatlas.ChartOptions()
     chart.max_iterations = cfg.chart_max_iterations
     pack = xatlas.PackOptions()
@@ -161,7 +164,8 @@ def rasterize_uv(
         b0 = 1.0 - b1 - b2
         hs = height[ids]
         dist = np.minimum(
-            np.minimum(b0 * hs[:, 0, None, None], b1 * hs[:, 1, None, None]), b2 * hs[:, 2, None, None]
+            np.minimum(b0 * hs[:, 0, None, None], b1 * hs[:, 1, None, None]),
+            b2 * hs[:, 2, None, None],
         )  # signed distance to the triangle's nearest edge line (> 0 inside)
         hit = (dist >= -reach) & (px <= x1[ids, None, None]) & (py <= y1[ids, None, None])
         t, r, c = np.nonzero(hit)
@@ -245,7 +249,9 @@ def bake_texture(
     mask[texel] = True
     image = pad_texture(image.reshape(size, size, 3), mask.reshape(size, size), cfg.padding_texels)
     coverage = float(mask.mean())
-    log.info("texture bake: %d charts' texels %.1f%% of %dx%d", len(texel), 100 * coverage, size, size)
+    log.info(
+        "texture bake: %d charts' texels %.1f%% of %dx%d", len(texel), 100 * coverage, size, size
+    )
     return TexturedMesh(
         vertices=new_vertices.astype(np.float32),
         normals=new_normals.astype(np.float32),

@@ -54,7 +54,9 @@ class VideoConfig:
         if self.num_frames < 1 or self.fps < 1:
             raise ValueError(f"num_frames and fps must be >= 1, got {self.num_frames}, {self.fps}")
         if self.resolution < 2 or self.resolution % 2:
-            raise ValueError(f"video resolution must be an even number >= 2 (yuv420p), got {self.resolution}")
+            raise ValueError(
+                f"video resolution must be an even number >= 2 (yuv420p), got {self.resolution}"
+            )
         if self.grid_views < 1 or self.grid_columns < 1 or self.grid_resolution < 1:
             raise ValueError("grid_views, grid_columns and grid_resolution must be >= 1")
 
@@ -75,7 +77,9 @@ def _orbit(cfg: VideoConfig, n: int, resolution: int) -> Cameras:
     )
 
 
-def render_frames(renderer: Renderer, cams: Cameras, background: tuple[float, float, float]) -> Iterator[np.ndarray]:
+def render_frames(
+    renderer: Renderer, cams: Cameras, background: tuple[float, float, float]
+) -> Iterator[np.ndarray]:
     """Renders cameras one at a time -> [H, W, 3] uint8 frames (no gradients)."""
     device = renderer_device(renderer)
     bg = torch.tensor(background, dtype=torch.float32, device=device)
