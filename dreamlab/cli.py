@@ -323,7 +323,13 @@ def export(args: ExportArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="dreamlab: %(levelname)s: %(message)s")
+    root = logging.getLogger()
+    if not any(getattr(h, "_dreamlab_console", False) for h in root.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)  # the run log file gets INFO; the terminal only warnings
+        console.setFormatter(logging.Formatter("dreamlab: %(levelname)s: %(message)s"))
+        console._dreamlab_console = True
+        root.addHandler(console)
     args = tyro.extras.subcommand_cli_from_dict(
         {"generate": GenerateArgs, "export": ExportArgs},
         args=argv,
