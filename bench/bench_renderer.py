@@ -6,10 +6,12 @@ to ``--opacity``; one camera at distance 2.5, fov 49 degrees, elevation 15. The 
 random linear function of the image (so backward does the full work).
 
 Each configuration runs in its own subprocess so that memory can be measured cleanly: the
-reported "peak extra RSS" is ``ru_maxrss`` (the process's peak resident set, from
-``resource.getrusage``) after the timed steps minus the resident set just before them (scene
-built, one warm-up step taken), i.e. the extra memory a step needs (tensors kept for backward,
-pair lists, temporaries). tracemalloc is not used: it does not see torch's allocations.
+reported "peak extra RSS" is the process's peak resident set during the steps (warm-up step
+included) minus the resident set just before them (scene built), i.e. the extra memory a
+training step needs (tensors kept for backward, pair lists, temporaries, Adam state). The peak
+is the kernel's ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; where that is not
+allowed it falls back to ``resource.getrusage(...).ru_maxrss`` (then a setup peak can hide the
+step's). tracemalloc is not used: it does not see torch's allocations.
 
 Timings on a shared machine are only meaningful when it is otherwise idle: with 2 torch threads
 on 2 cores, any other busy process makes every op wait for a descheduled thread (10x slower).
@@ -34,18 +36,28 @@ import sys
 import time
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
 
+def _reset_peak() -> bool:
+    """Resets the kernel's peak-RSS mark (VmHWM) of this process; False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def run_one(size: int, count: int, repeats: int, opacity: float, threads: int) -> dict:
     import torch
-
     from dreamlab.renderers.gaussians import GaussianConfig, GaussianRenderer
+
     from dreamlab.types import orbit_cameras
 
     torch.set_num_threads(threads)
@@ -73,14 +85,18 @@ def run_one(size: int, count: int, repeats: int, opacity: float, threads: int) -
         opt.step()
         return time.perf_counter() - t0, t1 - t0, out.aux.num_pairs
 
+    rss0 = _status_kib("VmRSS")
+    exact_peak = _reset_peak()
     step()  # warm-up (allocations, Adam state)
-    rss0 = _rss_kib()
     totals, forwards, pairs = [], [], 0
     for _ in range(repeats):
         total, fwd, pairs = step()
         totals.append(total)
         forwards.append(fwd)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    if exact_peak:
+        peak = _status_kib("VmHWM")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {
         "size": size,
         "count": count,
@@ -113,7 +129,9 @@ def main() -> None:
         f"load average at start {load:.2f}, {time.strftime('%Y-%m-%d')}"
     )
     print()
-    print("| resolution | Gaussians | pairs | step median (ms) | step min (ms) | forward (ms) | peak extra RSS (MiB) |")
+    print(
+        "| resolution | Gaussians | pairs | step median (ms) | step min (ms) | forward (ms) | peak extra RSS (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         for count in args.counts:

@@ -43,7 +43,7 @@ class GenerateArgs:
     diffusers folder (works offline). Default: sd21-base."""
     guidance: str = "sds"
     """Score-distillation rule (see docs/guidance.md)."""
-    renderer: Literal["gaussians"] = "gaussians"
+    renderer: str = "gaussians"
     """3D representation."""
     steps: int = 500
     """Optimisation steps."""
@@ -121,7 +121,6 @@ def build_run_config(args: GenerateArgs):
     from dreamlab.config import DEFAULT_PRIOR, RunConfig, TrainConfig
     from dreamlab.guidance import GUIDANCES
     from dreamlab.prompts import PromptConfig
-    from dreamlab.renderers.gaussians.model import GaussianConfig
     from dreamlab.schedules import Piecewise
 
     if args.guidance not in GUIDANCES:
@@ -130,6 +129,10 @@ def build_run_config(args: GenerateArgs):
         raise UserError(f"--steps must be a positive number of steps, got {args.steps}")
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    from dreamlab.renderers import RENDERERS
+
+    if args.renderer not in RENDERERS:
+        raise UserError(f"unknown renderer {args.renderer!r}; choose one of: {', '.join(RENDERERS)}")
     if args.gaussians is not None and args.gaussians < 1:
         raise UserError(f"--gaussians must be >= 1, got {args.gaussians}")
     if args.resolution is not None and not 8 <= args.resolution <= 4096:
@@ -142,7 +145,7 @@ def build_run_config(args: GenerateArgs):
     train = TrainConfig(steps=args.steps, seed=args.seed, checkpoint_every=args.checkpoint_every)
     if args.resolution is not None:
         train.resolution = Piecewise((float(args.resolution),), ())
-    renderer = GaussianConfig()
+    renderer = RENDERERS[args.renderer]()
     if args.gaussians is not None:
         renderer = dataclasses.replace(renderer, num_init=args.gaussians)
     cfg = RunConfig(

@@ -202,3 +202,15 @@ def test_backend_selection():
     with pytest.raises(ValueError):
         select_backend("opengl", "cpu")
     assert "gsplat" not in sys.modules
+
+
+def test_large_batches_use_wide_sort_keys_consistently():
+    # 2 x 192 x 192 pixels exceed the int16 sort keys; each camera alone does not.
+    cams = two_cameras(192, 192, dtype=torch.float32)
+    scene = [t.float() for t in random_scene(40, 6)]
+    bg = torch.tensor([0.1, 0.2, 0.3])
+    both = rasterize_gaussians(*scene, cams, bg)
+    for b in range(2):
+        single = rasterize_gaussians(*scene, cams[b], bg)
+        for x, y in zip(both[:3], single[:3]):
+            assert torch.allclose(x[b : b + 1], y, atol=1e-6)

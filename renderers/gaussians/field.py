@@ -170,8 +170,10 @@ def _lattice_rows(gids, lo, cx, rows_per, origin, h, dims, lookup, means, prec, 
     last = lookup.numel() - 1
     width = 1
     while True:
-        sel = ((count > width // 2) & (count <= width)).nonzero().squeeze(1) if width > 1 else (
-            (count == 1).nonzero().squeeze(1)
+        sel = (
+            ((count > width // 2) & (count <= width)).nonzero().squeeze(1)
+            if width > 1
+            else ((count == 1).nonzero().squeeze(1))
         )
         if sel.numel() > 0:
             k = torch.arange(width)
@@ -179,7 +181,9 @@ def _lattice_rows(gids, lo, cx, rows_per, origin, h, dims, lookup, means, prec, 
             for lo_ in range(0, sel.numel(), max(1, PAIR_BATCH // width)):
                 part = sel[lo_ : lo_ + max(1, PAIR_BATCH // width)]
                 dz = dz0.index_select(0, part)[:, None] + kh
-                q = (qa.index_select(0, part)[:, None] * dz + qb2.index_select(0, part)[:, None]) * dz
+                q = (
+                    qa.index_select(0, part)[:, None] * dz + qb2.index_select(0, part)[:, None]
+                ) * dz
                 q += qc.index_select(0, part)[:, None]
                 w = torch.exp(-0.5 * q)
                 w = torch.where(k < count.index_select(0, part)[:, None], w, torch.zeros_like(w))
@@ -190,7 +194,7 @@ def _lattice_rows(gids, lo, cx, rows_per, origin, h, dims, lookup, means, prec, 
                 if colors is not None:
                     gid = g.index_select(0, part)
                     for c in range(3):
-                        wc = (w.reshape(-1, width) * colors[:, c].index_select(0, gid)[:, None])
+                        wc = w.reshape(-1, width) * colors[:, c].index_select(0, gid)[:, None]
                         cols[c].index_add_(0, node, wc.reshape(-1))
         if width >= int(count.max()):
             break
@@ -214,12 +218,16 @@ def _field_kdtree(
     for b in torch.unique(bucket).tolist():
         members = (bucket == b).nonzero().squeeze(1)
         gtree = cKDTree(means[members].numpy())
-        pairs = qtree.sparse_distance_matrix(gtree, float(radius[members].max()), output_type="ndarray")
+        pairs = qtree.sparse_distance_matrix(
+            gtree, float(radius[members].max()), output_type="ndarray"
+        )
         if pairs.shape[0] == 0:
             continue
         i = torch.from_numpy(np.ascontiguousarray(pairs["i"]).astype(np.int64))
         gid = members[torch.from_numpy(np.ascontiguousarray(pairs["j"]).astype(np.int64))]
-        dx, dy, dz = (points[:, a].index_select(0, i) - means[:, a].index_select(0, gid) for a in range(3))
+        dx, dy, dz = (
+            points[:, a].index_select(0, i) - means[:, a].index_select(0, gid) for a in range(3)
+        )
         q = (
             prec[:, 0, 0].index_select(0, gid) * dx * dx
             + prec[:, 1, 1].index_select(0, gid) * dy * dy

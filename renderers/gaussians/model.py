@@ -374,7 +374,9 @@ class GaussianRenderer(Renderer):
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
-            "params": {name: p.detach().cpu().clone() for name, p in self.gaussian_params().items()},
+            "params": {
+                name: p.detach().cpu().clone() for name, p in self.gaussian_params().items()
+            },
             "sh_degree": int(self.sh_degree),
             "strategy": self.strategy.state_dict(),
         }

@@ -303,7 +303,9 @@ class _Composite(torch.autograd.Function):
         del log_t
         weight = alpha * trans * keep.to(dtype)
         out = torch.stack([_scatter_sum(pixel, weight * fc, num_pixels) for fc in fcols], dim=1)
-        log_final = _scatter_sum(pixel, torch.where(keep, log1m, torch.zeros_like(log1m)), num_pixels)
+        log_final = _scatter_sum(
+            pixel, torch.where(keep, log1m, torch.zeros_like(log1m)), num_pixels
+        )
         t_final = torch.exp(log_final).to(dtype)
         ctx.save_for_backward(dx, dy, ca, cb, cc, gauss_val, alpha_raw, alpha, trans, weight, keep,
                               gauss, pixel, seg_start, counts, t_final, *fcols)  # fmt: skip

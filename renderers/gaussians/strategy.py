@@ -24,7 +24,7 @@ from dreamlab.renderers.gaussians.rasterize import quat_to_rotmat
 
 if TYPE_CHECKING:  # pragma: no cover
     from dreamlab.renderers.gaussians.model import GaussianRenderer
-    from dreamlab.renderers.gaussians.rasterize import RasterAux  # noqa: F401
+    from dreamlab.renderers.gaussians.rasterize import RasterAux
 
 
 @dataclass
@@ -59,7 +59,9 @@ class DensifyConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.start <= self.stop <= 1.0:
-            raise ValueError(f"densify window must satisfy 0 <= start <= stop <= 1, got {self.start}, {self.stop}")
+            raise ValueError(
+                f"densify window must satisfy 0 <= start <= stop <= 1, got {self.start}, {self.stop}"
+            )
         if self.every < 1:
             raise ValueError(f"densify every must be >= 1 step, got {self.every}")
         if self.max_gaussians < 1:
@@ -218,7 +220,9 @@ class DensifyStrategy:
             new_values[name] = torch.cat([p.data[keep], *extra], dim=0)
         num_new = clone_idx.numel() + 2 * k
         for name, p in params.items():
-            model.set_gaussian_param(name, replace_rows(optimizer, p, new_values[name], keep, num_new))
+            model.set_gaussian_param(
+                name, replace_rows(optimizer, p, new_values[name], keep, num_new)
+            )
         self.reset(model.size, self.grad_accum.device)
         return DensifyReport(
             cloned=int(clone_idx.numel()),
