@@ -25,7 +25,7 @@ from dreamlab.guidance.common import (
 from dreamlab.guidance.sds import SDSConfig
 from dreamlab.priors import StableDiffusionPrior
 from dreamlab.priors.base import Prior
-from dreamlab.priors.testing import make_tiny_sd_components, make_tiny_sd_folder
+from dreamlab.priors.testing import make_tiny_sd_components, make_tiny_sd_folder, make_tiny_unet
 from dreamlab.prompts import PromptConfig, build_prompt_embeds, embeds_for_cameras
 from dreamlab.schedules import Constant, Linear, SqrtAnneal
 
@@ -259,23 +259,10 @@ class TinyPixelPrior(Prior):
     """A pixel-space prior: the UNet denoises [-1, 1] RGB directly (3 channels, no VAE)."""
 
     def __init__(self, seed: int = 0):
-        from diffusers import UNet2DConditionModel
-
         tokenizer, text_encoder, _, _, scheduler = make_tiny_sd_components(seed=seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet = UNet2DConditionModel(
-                sample_size=16,
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                cross_attention_dim=32,
-                attention_head_dim=8,
-                norm_num_groups=8,
-            )
+            unet = make_tiny_unet(sample_size=16, channels=3)
         self.unet = unet.eval().requires_grad_(False)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder.eval().requires_grad_(False)
         self.scheduler = scheduler

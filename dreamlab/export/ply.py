@@ -22,20 +22,9 @@ from plyfile import PlyData, PlyElement
 
 from dreamlab.export.atomic import atomic_write
 
-try:  # Reuse the renderer's definition when it exists, so there is one SplatArrays.
-    from dreamlab.renderers.gaussians.model import SplatArrays  # type: ignore[attr-defined]
-except ImportError:
+from dreamlab.renderers.gaussians.model import SplatArrays
 
-    @dataclass
-    class SplatArrays:  # type: ignore[no-redef]
-        """Gaussian parameters as numpy arrays (N Gaussians, K = (degree+1)^2 - 1 SH rest coeffs)."""
-
-        means: np.ndarray  # [N, 3] world positions
-        sh_dc: np.ndarray  # [N, 3] degree-0 SH coefficients (RGB)
-        sh_rest: np.ndarray  # [N, K, 3] higher-order SH coefficients
-        opacity_logits: np.ndarray  # [N] pre-sigmoid opacity
-        log_scales: np.ndarray  # [N, 3] log of the per-axis standard deviations
-        quats: np.ndarray  # [N, 4] rotation quaternions (w, x, y, z)
+__all__ = ["SplatArrays", "read_splats_ply", "splat_property_names", "write_splats_ply"]
 
 
 def splat_property_names(num_rest: int) -> list[str]:

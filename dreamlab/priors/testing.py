@@ -91,6 +91,28 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
+def make_tiny_unet(sample_size: int, channels: int):
+    """A tiny random ``UNet2DConditionModel`` (cross-attention width 32, like the tiny CLIP).
+
+    ``channels`` is 4 for an SD-style latent UNet, 3 for a pixel-space one. Uses the global
+    torch RNG: seed it (or fork it) before calling.
+    """
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
 def make_tiny_sd_components(
     prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 8, max_length: int = 77
 ):
@@ -102,7 +124,7 @@ def make_tiny_sd_components(
         sample_size: UNet latent size; images are ``sample_size * 2`` pixels (one VAE downsample).
         max_length: tokenizer/text-encoder context length (77 like CLIP).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -137,18 +159,7 @@ def make_tiny_sd_components(
             sample_size=sample_size * 2,
             scaling_factor=0.18215,
         )
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
+        unet = make_tiny_unet(sample_size=sample_size, channels=4)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
