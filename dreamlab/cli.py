@@ -45,8 +45,8 @@ class GenerateArgs:
     """Score-distillation rule (see docs/guidance.md)."""
     renderer: str = "gaussians"
     """3D representation."""
-    steps: int = 500
-    """Optimisation steps."""
+    steps: int | None = None
+    """Optimisation steps (default: the prior's preset, 500 for Stable Diffusion)."""
     seed: int = 0
     """Random seed; the same seed and settings give the same asset."""
     out: Path = Path("outputs")
@@ -95,6 +95,26 @@ class ExportArgs:
     """Texture resolution in pixels."""
 
 
+@dataclass
+class TrainBuiltinArgs:
+    """Train the builtin offline prior on renders of the procedural world (CPU: under an hour)."""
+
+    steps: int = 4000
+    """Optimisation steps (batch 32)."""
+    seed: int = 0
+    """Seeds the world's views, the initial weights and every batch."""
+    num_views: int | None = None
+    """Size of the rendered view cache (default: the world's own)."""
+    out: Path | None = None
+    """Folder for the trained prior (default: assets/builtin-prior, the shipped default)."""
+    work_dir: Path = Path("builtin-prior-work")
+    """Folder for the view cache and training checkpoints."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --work-dir."""
+    quiet: bool = False
+    """No progress bar."""
+
+
 def prompt_slug(prompt: str, max_chars: int = 48) -> str:
     """A folder name for a prompt: lowercase ASCII words joined by '-', never a path."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.strip().lower()).strip("-")
@@ -118,48 +138,27 @@ def _check_writable(directory: Path) -> None:
 
 def build_run_config(args: GenerateArgs):
     """GenerateArgs -> validated RunConfig. Raises UserError for bad input."""
-    from dreamlab.config import DEFAULT_PRIOR, RunConfig, TrainConfig
-    from dreamlab.guidance import GUIDANCES
-    from dreamlab.prompts import PromptConfig
-    from dreamlab.schedules import Piecewise
+    from dreamlab.config import make_run_config
 
-    if args.guidance not in GUIDANCES:
-        raise UserError(f"unknown guidance {args.guidance!r}; choose one of: {', '.join(GUIDANCES)}")
-    if args.steps < 1:
-        raise UserError(f"--steps must be a positive number of steps, got {args.steps}")
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    from dreamlab.renderers import RENDERERS
-
-    if args.renderer not in RENDERERS:
-        raise UserError(f"unknown renderer {args.renderer!r}; choose one of: {', '.join(RENDERERS)}")
-    if args.gaussians is not None and args.gaussians < 1:
-        raise UserError(f"--gaussians must be >= 1, got {args.gaussians}")
-    if args.resolution is not None and not 8 <= args.resolution <= 4096:
-        raise UserError(f"--resolution must lie in [8, 4096] pixels, got {args.resolution}")
-    guidance = GUIDANCES[args.guidance]()
-    if args.guidance_scale is not None:
-        if args.guidance_scale < 0:
-            raise UserError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
-        guidance = dataclasses.replace(guidance, guidance_scale=args.guidance_scale)
-    train = TrainConfig(steps=args.steps, seed=args.seed, checkpoint_every=args.checkpoint_every)
-    if args.resolution is not None:
-        train.resolution = Piecewise((float(args.resolution),), ())
-    renderer = RENDERERS[args.renderer]()
-    if args.gaussians is not None:
-        renderer = dataclasses.replace(renderer, num_init=args.gaussians)
-    cfg = RunConfig(
-        prompt=args.prompt,
-        renderer=renderer,
-        prior=args.prior or DEFAULT_PRIOR,
-        guidance=guidance,
-        prompt_processing=PromptConfig(negative_prompt=args.negative_prompt),
-        train=train,
-        device=args.device,
-    )
-    cfg.export = cfg.export.with_overrides(args.faces, args.size_m, args.texture_size)
     try:
-        cfg.validate()
+        cfg = make_run_config(
+            args.prompt,
+            prior=args.prior,
+            guidance=args.guidance,
+            renderer=args.renderer,
+            steps=args.steps,
+            seed=args.seed,
+            guidance_scale=args.guidance_scale,
+            gaussians=args.gaussians,
+            resolution=args.resolution,
+            negative_prompt=args.negative_prompt,
+            checkpoint_every=args.checkpoint_every,
+            device=args.device,
+        )
+        cfg.export = cfg.export.with_overrides(args.faces, args.size_m, args.texture_size)
+        cfg.export.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
     return cfg
@@ -209,6 +208,10 @@ def generate(args: GenerateArgs) -> int:
     try:
         prior = load_prior(cfg.prior, device=device, dtype=prior_dtype(cfg, device))
     except PriorLoadError as err:
+        raise UserError(str(err)) from None
+    try:  # a closed-vocabulary prior refuses unknown words here, before anything is written
+        prior.encode_prompt([cfg.prompt.strip(), cfg.prompt_processing.negative_prompt])
+    except ValueError as err:
         raise UserError(str(err)) from None
     _check_writable(run_dir)
     handler = _setup_run_logging(run_dir)
@@ -325,6 +328,90 @@ def export(args: ExportArgs) -> int:
     return 0
 
 
+def train_builtin(args: TrainBuiltinArgs) -> int:
+    from tqdm import tqdm
+
+    from dreamlab.checkpoint import find_latest_checkpoint
+    from dreamlab.priors.builtin import ASSET_DIR
+    from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
+
+    cfg = BuiltinTrainConfig(steps=args.steps, seed=args.seed)
+    if args.num_views is not None:
+        cfg.data = dataclasses.replace(cfg.data, num_views=args.num_views)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    _check_writable(args.work_dir)
+    out = args.out or ASSET_DIR
+    _check_writable(out)
+    if find_latest_checkpoint(args.work_dir / "checkpoints") is not None and not args.resume:
+        raise UserError(f"{args.work_dir} already holds training checkpoints: pass --resume, or use another --work-dir")
+    _say("dreamlab: rendering the world's training views (cached in --work-dir)")
+    trainer = BuiltinPriorTrainer(cfg, args.work_dir)
+    if args.resume:
+        used = trainer.resume()
+        _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else "dreamlab: no checkpoint, starting fresh")
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="training prior", unit="step", disable=args.quiet)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        for report in trainer:
+            bar.update(1)
+            bar.set_postfix(loss=f"{report.loss:.4f}")
+    except (KeyboardInterrupt, _Interrupted):
+        bar.close()
+        path = trainer.save_checkpoint()
+        _say(f"dreamlab: interrupted at step {trainer.step}; checkpoint {path}; rerun with --resume")
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    folder = trainer.export(out, training_seconds=time.perf_counter() - started)
+    _say(f"dreamlab: builtin prior written to {folder}")
+    return 0
+
+
+COMMAND_GROUPS = {
+    "prior": {"train-builtin": "TrainBuiltinArgs"},
+    "bench": {"prior": "BenchPriorArgs", "quality": "BenchQualityArgs"},
+}
+
+
+def _parse(argv: list[str]):
+    """Top-level commands (generate, export) and command groups (prior ..., bench ...)."""
+    if argv and argv[0] in COMMAND_GROUPS:
+        from dreamlab.bench.cli import BenchPriorArgs, BenchQualityArgs
+
+        types_by_name = {"TrainBuiltinArgs": TrainBuiltinArgs, "BenchPriorArgs": BenchPriorArgs,
+                         "BenchQualityArgs": BenchQualityArgs}
+        group = {name: types_by_name[t] for name, t in COMMAND_GROUPS[argv[0]].items()}
+        return tyro.extras.subcommand_cli_from_dict(group, args=argv[1:], prog=f"dreamlab {argv[0]}")
+    return tyro.extras.subcommand_cli_from_dict(
+        {"generate": GenerateArgs, "export": ExportArgs},
+        args=argv,
+        prog="dreamlab",
+        description="dreamlab: text to game-ready 3D assets. More commands: "
+        "`dreamlab prior train-builtin`, `dreamlab bench prior`, `dreamlab bench quality`.",
+    )
+
+
+def _dispatch(args) -> int:
+    if isinstance(args, GenerateArgs):
+        return generate(args)
+    if isinstance(args, ExportArgs):
+        return export(args)
+    if isinstance(args, TrainBuiltinArgs):
+        return train_builtin(args)
+    from dreamlab.bench.cli import BenchPriorArgs, bench_prior, bench_quality
+    from dreamlab.priors import PriorLoadError
+
+    try:
+        return bench_prior(args) if isinstance(args, BenchPriorArgs) else bench_quality(args)
+    except (ValueError, PriorLoadError) as err:
+        raise UserError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     if not any(getattr(h, "_dreamlab_console", False) for h in root.handlers):
@@ -333,16 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         console.setFormatter(logging.Formatter("dreamlab: %(levelname)s: %(message)s"))
         console._dreamlab_console = True
         root.addHandler(console)
-    args = tyro.extras.subcommand_cli_from_dict(
-        {"generate": GenerateArgs, "export": ExportArgs},
-        args=argv,
-        prog="dreamlab",
-        description="dreamlab: text to game-ready 3D assets.",
-    )
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
     try:
-        if isinstance(args, GenerateArgs):
-            return generate(args)
-        return export(args)
+        return _dispatch(args)
     except UserError as err:
         print(f"dreamlab: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 
 from dreamlab.priors.base import Prior
+from dreamlab.priors.builtin import ASSET_DIR as BUILTIN_ASSET_DIR
+from dreamlab.priors.builtin import BuiltinPrior
 from dreamlab.priors.stable_diffusion import PriorLoadError, StableDiffusionPrior
 
 #: Short names -> Hugging Face hub ids. SD 1.5 lives at the community mirror since runwayml's
 #: repository was taken down. "sd21" is the 768 px v-prediction model.
-#: The builtin offline prior (shipped weights, no download) will be added here by a later issue
-#: under the name "builtin"; until then there is no entry for it (nothing is faked).
+#: "builtin" is dreamlab's own offline prior, shipped in assets/builtin-prior (no download).
 PRIORS: dict[str, str] = {
+    "builtin": str(BUILTIN_ASSET_DIR),
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21-base": "stabilityai/stable-diffusion-2-1-base",
     "sd21": "stabilityai/stable-diffusion-2-1",
@@ -49,9 +51,11 @@ def load_prior(
             f"unknown prior '{source}': use a short name ({', '.join(PRIORS)}), a local diffusers "
             "folder, or a hub id 'owner/name' (hub downloads need network access)."
         )
+    if BuiltinPrior.is_builtin_folder(source) or source == str(BUILTIN_ASSET_DIR):
+        return BuiltinPrior.from_pretrained(source, device=device)
     return StableDiffusionPrior.from_pretrained(
         source, device=device, dtype=dtype, local_files_only=local_files_only
     )
 
 
-__all__ = ["PRIORS", "Prior", "PriorLoadError", "StableDiffusionPrior", "load_prior"]
+__all__ = ["BuiltinPrior", "PRIORS", "Prior", "PriorLoadError", "StableDiffusionPrior", "load_prior"]

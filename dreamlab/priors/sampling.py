@@ -1,0 +1,120 @@
+"""Plain DDIM sampling (Song et al. 2021) with classifier-free guidance, over the Prior interface.
+
+Used to judge a prior on its own (``dreamlab.bench.prior_quality``): draw images for a prompt and
+compare them with the ground truth. Works for any :class:`~dreamlab.priors.base.Prior` — the
+builtin pixel-space prior and Stable Diffusion alike — through ``encode_prompt``,
+``predict_eps``, ``decode_latents`` and the prior's own noise schedule: the sampler is diffusers'
+``DDIMScheduler`` built from ``prior.scheduler.config`` (never a hand-written schedule).
+
+CFG follows the project convention (docs/guidance.md): ε̂ = ε_∅ + s (ε_y − ε_∅), where ε_∅ is the
+negative prompt's prediction ("" by default, the true null).
+
+x0 clipping: at every step the predicted clean image x̂0 is clipped to [-1, 1] before the DDIM
+update (diffusers' ``clip_sample``). For a pixel-space prior this matters a lot: the builtin-prior
+feasibility run measured nearest-ground-truth prompt accuracy 12 % without it and 33 % with it.
+Latent priors (more than 3 channels, e.g. SD's 4-channel VAE latents, which are not bounded by 1)
+are never clipped.
+
+All randomness (initial noise, and the per-step noise when ``eta > 0``) is drawn from the given
+CPU ``torch.Generator`` and then moved to the prior's device, so results do not depend on the
+device's RNG.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dreamlab.priors.base import Prior
+
+
+def is_pixel_prior(prior: Prior) -> bool:
+    """True for a prior that denoises RGB pixels directly (3 model channels, no VAE)."""
+    return int(prior.latent_channels) == 3 and not hasattr(prior, "vae")
+
+
+def make_ddim_scheduler(prior: Prior, clip_x0: bool):
+    """A fresh diffusers ``DDIMScheduler`` carrying ``prior``'s training noise schedule.
+
+    ``predict_eps`` always returns ε (v-prediction priors convert), so the sampler is built for
+    ε-prediction whatever the checkpoint's own ``prediction_type`` is.
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(
+        prior.scheduler.config,
+        prediction_type="epsilon",
+        clip_sample=bool(clip_x0),
+        clip_sample_range=1.0,
+        thresholding=False,
+    )
+
+
+def latent_size(prior: Prior) -> int:
+    """Side of the model-space tensor: ``image_size`` for a pixel prior, / VAE factor otherwise."""
+    return int(prior.image_size) // int(getattr(prior, "vae_scale_factor", 1))
+
+
+@torch.no_grad()
+def ddim_sample(
+    prior: Prior,
+    prompts: list[str],
+    generator: torch.Generator,
+    num_steps: int = 50,
+    guidance_scale: float = 5.0,
+    negative_prompt: str = "",
+    clip_x0: bool = True,
+    eta: float = 0.0,
+) -> Tensor:
+    """Samples one image per prompt with DDIM and classifier-free guidance.
+
+    Args:
+        prior: any Prior (pixel-space or latent).
+        prompts: B prompt strings (repeat a prompt to get several samples of it).
+        generator: CPU generator all noise is drawn from (seed it for reproducible samples).
+        num_steps: DDIM steps (the schedule's ``timestep_spacing`` decides which timesteps).
+        guidance_scale: CFG scale s; 1 = plain conditional sampling, 0 = unconditional.
+        negative_prompt: text of the "unconditional" CFG branch ("" = the true null).
+        clip_x0: clip the predicted x0 to [-1, 1] each step (pixel-space priors only).
+        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like ancestral noise).
+    Returns:
+        [B, 3, S, S] images in [0, 1] on the CPU, S = ``prior.image_size``.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("ddim_sample takes a list of prompts, not a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("ddim_sample needs at least one prompt")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    assert generator.device.type == "cpu", "ddim_sample draws its noise from a CPU generator"
+
+    device = prior.device
+    batch = len(prompts)
+    scheduler = make_ddim_scheduler(prior, clip_x0 and is_pixel_prior(prior))
+    scheduler.set_timesteps(num_steps, device="cpu")
+
+    cond = prior.encode_prompt(prompts).to(device)  # [B, L, D]
+    uncond = prior.encode_prompt([negative_prompt]).to(device).expand(batch, -1, -1)  # [B, L, D]
+    embeds = torch.cat([uncond, cond])  # [2B, L, D]
+
+    size = latent_size(prior)
+    shape = (batch, int(prior.latent_channels), size, size)
+    x = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+    x = x.to(device)
+    for t in scheduler.timesteps:
+        t_batch = torch.full((2 * batch,), int(t), dtype=torch.long, device=device)
+        eps_uncond, eps_cond = (
+            prior.predict_eps(torch.cat([x, x]), t_batch, embeds).float().chunk(2)
+        )
+        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        noise = None
+        if eta > 0:
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+    images = prior.decode_latents(x).float().clamp(0.0, 1.0)
+    return images.cpu()
