@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
-import torch
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
+from dreamlab.bench.report import machine  # noqa: F401 - re-exported for the bench scripts
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[float, float]:

@@ -39,8 +39,9 @@ class GenerateArgs:
     prompt: tyro.conf.Positional[str]
     """What to generate, e.g. "a red cube"."""
     prior: str | None = None
-    """Diffusion prior: a short name (sd15, sd21-base, sd21), a Hugging Face hub id, or a local
-    diffusers folder (works offline). Default: sd21-base."""
+    """Diffusion prior: builtin (default: offline, closed vocabulary such as "a red cube",
+    "a snowman"), a Stable Diffusion short name (sd15, sd21-base, sd21), a Hugging Face hub id,
+    or a local diffusers folder (works offline)."""
     guidance: str = "sds"
     """Score-distillation rule (see docs/guidance.md)."""
     renderer: str = "gaussians"
@@ -261,39 +262,44 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _run_loop(trainer, quiet: bool) -> int:
+def _drive(trainer, total: int, desc: str, quiet: bool, on_report, save) -> int:
+    """Iterates a trainer under a progress bar; Ctrl-C / SIGTERM writes a checkpoint via ``save``.
+
+    Returns 0 when training finished, EXIT_INTERRUPTED after an interruption.
+    """
     from tqdm import tqdm
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    bar = tqdm(
-        total=trainer.cfg.train.steps,
-        initial=trainer.step,
-        desc="training",
-        unit="step",
-        disable=quiet,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=total, initial=trainer.step, desc=desc, unit="step", disable=quiet,
+               dynamic_ncols=True)
     try:
         for report in trainer:
             bar.update(1)
-            bar.set_postfix(loss=f"{report.loss:.4g}", n=report.num_gaussians, res=report.resolution)
-            if report.message:
-                bar.write(f"dreamlab: warning: {report.message}")
-            if report.step % 10 == 0 or report.step == report.total_steps:
-                log.info(
-                    "step %d/%d loss %.5g gaussians %d res %d t %s %.3fs",
-                    report.step, report.total_steps, report.loss, report.num_gaussians,
-                    report.resolution, report.timesteps, report.seconds,
-                )
+            on_report(bar, report)
     except (KeyboardInterrupt, _Interrupted):
         bar.close()
-        path = trainer.save()
+        path = save()
         _say(f"dreamlab: interrupted at step {trainer.step}; checkpoint {path}; rerun with --resume to continue")
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
     return 0
+
+
+def _run_loop(trainer, quiet: bool) -> int:
+    def on_report(bar, report) -> None:
+        bar.set_postfix(loss=f"{report.loss:.4g}", n=report.num_gaussians, res=report.resolution)
+        if report.message:
+            bar.write(f"dreamlab: warning: {report.message}")
+        if report.step % 10 == 0 or report.step == report.total_steps:
+            log.info(
+                "step %d/%d loss %.5g gaussians %d res %d t %s %.3fs",
+                report.step, report.total_steps, report.loss, report.num_gaussians,
+                report.resolution, report.timesteps, report.seconds,
+            )
+
+    return _drive(trainer, trainer.cfg.train.steps, "training", quiet, on_report, trainer.save)
 
 
 def export(args: ExportArgs) -> int:
@@ -329,8 +335,6 @@ def export(args: ExportArgs) -> int:
 
 
 def train_builtin(args: TrainBuiltinArgs) -> int:
-    from tqdm import tqdm
-
     from dreamlab.checkpoint import find_latest_checkpoint
     from dreamlab.priors.builtin import ASSET_DIR
     from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
@@ -353,20 +357,10 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
         used = trainer.resume()
         _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else "dreamlab: no checkpoint, starting fresh")
     started = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="training prior", unit="step", disable=args.quiet)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        for report in trainer:
-            bar.update(1)
-            bar.set_postfix(loss=f"{report.loss:.4f}")
-    except (KeyboardInterrupt, _Interrupted):
-        bar.close()
-        path = trainer.save_checkpoint()
-        _say(f"dreamlab: interrupted at step {trainer.step}; checkpoint {path}; rerun with --resume")
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        bar.close()
+    code = _drive(trainer, cfg.steps, "training prior", args.quiet,
+                  lambda bar, report: bar.set_postfix(loss=f"{report.loss:.4f}"), trainer.save_checkpoint)
+    if code != 0:
+        return code
     folder = trainer.export(out, training_seconds=time.perf_counter() - started)
     _say(f"dreamlab: builtin prior written to {folder}")
     return 0

@@ -33,8 +33,11 @@ CPU_FRIENDLY_VIDEO = VideoConfig(num_frames=72, resolution=256, fps=24)
 GuidanceConfig = SDSConfig
 """Union of every guidance config type (only SDS so far)."""
 
-DEFAULT_PRIOR = "sd21-base"
-"""Stable Diffusion 2.1-base (needs its weights: a hub download or a local folder)."""
+BUILTIN_PRIOR = "builtin"
+"""Name of dreamlab's own offline prior (closed vocabulary; weights in assets/builtin-prior)."""
+
+DEFAULT_PRIOR = BUILTIN_PRIOR
+"""Works offline out of the box; Stable Diffusion priors are a --prior away."""
 
 
 @dataclass
@@ -116,10 +119,6 @@ class RunConfig:
             check = getattr(component, "validate", None)
             if check is not None:
                 check()
-
-
-BUILTIN_PRIOR = "builtin"
-"""Name of dreamlab's own offline prior (weights in assets/)."""
 
 
 def make_run_config(

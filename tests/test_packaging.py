@@ -11,14 +11,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FORBIDDEN_TOP_LEVEL = ("guidance", "renderers", "cuda_ext")
+FORBIDDEN_TOP_LEVEL = ("guidance", "renderers", "cuda_ext", "assets")
 
 PROBE = """
 import importlib.util, json, sys
 sys.path = [p for p in sys.path if p not in ('', '.')]
 found = {name: importlib.util.find_spec(name) is not None for name in %r}
 import dreamlab.guidance, dreamlab.renderers, dreamlab.renderers.gaussians
-print(json.dumps({"forbidden": found, "guidance": dreamlab.guidance.__file__}))
+from dreamlab.priors.builtin import ASSET_DIR
+print(json.dumps({"forbidden": found, "guidance": dreamlab.guidance.__file__,
+                  "builtin_weights": (ASSET_DIR / "builtin_prior.json").is_file()}))
 """ % (FORBIDDEN_TOP_LEVEL,)
 
 
@@ -49,6 +51,7 @@ def test_regular_install_exposes_only_dreamlab(tmp_path: Path) -> None:
     result = _probe(sys.executable, tmp_path, env_path=str(target))
     assert not any(result["forbidden"].values()), result
     assert result["guidance"].startswith(str(target))
+    assert result["builtin_weights"], "the builtin prior's weights must ship as package data"
 
 
 def test_editable_install_exposes_only_dreamlab(tmp_path: Path) -> None:
@@ -56,3 +59,4 @@ def test_editable_install_exposes_only_dreamlab(tmp_path: Path) -> None:
     result = _probe(sys.executable, tmp_path)
     assert not any(result["forbidden"].values()), result
     assert Path(result["guidance"]).resolve().parent == REPO / "guidance"
+    assert result["builtin_weights"]

@@ -72,11 +72,21 @@ def evaluation_cameras(resolution: int) -> Cameras:
     )
 
 
-def render_truth(spec, cams: Cameras):
-    """The world's ground truth on ``cams``: white background, fixed light, supersampled."""
-    from dreamlab.world.render import render_ground_truth
+EVAL_LIGHT_DEG = (0.0, 35.0)
+"""Evaluation light, relative to each camera (azimuth, elevation): the centre of the training
+data's light distribution (``WorldDataConfig``: azimuth ±60°, elevation 10–60°, camera frame).
+A result bakes the lighting the prior saw into its colours, so its renders are compared with
+ground truth lit the way the prior's images were lit."""
 
-    return render_ground_truth(spec, cams, background=(1.0, 1.0, 1.0), supersample=GT_SUPERSAMPLE)
+
+def render_truth(spec, cams: Cameras):
+    """The world's ground truth on ``cams``: white background, camera-relative light, supersampled."""
+    from dreamlab.world.render import camera_relative_light, render_ground_truth
+
+    light = camera_relative_light(cams, *EVAL_LIGHT_DEG)
+    return render_ground_truth(
+        spec, cams, light_dir=light, background=(1.0, 1.0, 1.0), supersample=GT_SUPERSAMPLE
+    )
 
 
 # ----------------------------------------------------------------------------- render metrics

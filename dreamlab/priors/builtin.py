@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import dreamlab.assets
+
 from dreamlab.priors.base import Prior
 from dreamlab.priors.stable_diffusion import PriorLoadError
 from dreamlab.world.catalog import UnknownWordError
@@ -29,8 +31,8 @@ from dreamlab.world.catalog import UnknownWordError
 TOKEN_ALIASES = {"an": "a", "gray": "grey"}
 """Spellings the tokenizer folds together (the world's captions write "an" before vowels)."""
 
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "builtin-prior"
-"""Where the shipped weights live (in the source tree; installed editable)."""
+ASSET_DIR = Path(dreamlab.assets.__file__).resolve().parent / "builtin-prior"
+"""Where the shipped weights live (package data of ``dreamlab.assets``, the top-level assets/)."""
 
 MARKER_FILE = "builtin_prior.json"
 PAD, BOS, EOS = 0, 1, 2

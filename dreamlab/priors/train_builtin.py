@@ -119,6 +119,7 @@ class BuiltinPriorTrainer:
             "ema_text": self.ema_text.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "last_loss": self.last_loss,
         }
         path = self._checkpoint_dir() / f"step_{self.step:07d}.pt"
         with atomic_write(path) as tmp:
@@ -138,6 +139,7 @@ class BuiltinPriorTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
+        self.last_loss = float(state.get("last_loss", float("nan")))
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -187,11 +189,15 @@ class BuiltinPriorTrainer:
     def export(self, folder: Path = ASSET_DIR, training_seconds: float | None = None) -> Path:
         folder = Path(folder)
         self.ema_prior().save(folder)
-        atomic_write_text(folder / "model_card.md", model_card(self.cfg, self.last_loss, training_seconds))
+        atomic_write_text(
+            folder / "model_card.md", model_card(self.cfg, self.step, self.last_loss, training_seconds)
+        )
         return folder
 
 
-def model_card(cfg: BuiltinTrainConfig, final_loss: float, training_seconds: float | None) -> str:
+def model_card(
+    cfg: BuiltinTrainConfig, trained_steps: int, final_loss: float, training_seconds: float | None
+) -> str:
     """The model card written beside the weights (quality numbers: docs/builtin-prior.md)."""
     from dataclasses import asdict
 
@@ -206,10 +212,11 @@ def model_card(cfg: BuiltinTrainConfig, final_loss: float, training_seconds: flo
         "on renders of dreamlab's procedural world (`dreamlab.world`). Closed vocabulary; offline.",
         "",
         "## Training",
-        f"- steps {cfg.steps}, batch {cfg.batch_size}, AdamW lr {cfg.learning_rate} (warm-up "
-        f"{cfg.warmup_steps}, cosine to 10%), weight decay {cfg.weight_decay}, EMA {cfg.ema_decay}",
+        f"- {trained_steps} of {cfg.steps} scheduled steps, batch {cfg.batch_size}, AdamW lr "
+        f"{cfg.learning_rate} (warm-up {cfg.warmup_steps}, cosine to 10% over the scheduled steps), "
+        f"weight decay {cfg.weight_decay}, EMA {cfg.ema_decay}",
         f"- condition dropout {cfg.condition_dropout} (classifier-free guidance), seed {cfg.seed}",
-        f"- final training loss {final_loss:.4f}; {minutes} on a 2-core CPU",
+        f"- last training loss {final_loss:.4f} (one batch; noisy); {minutes} on a 2-core CPU",
         "",
         "## Data (the world's bias knobs)",
         *[f"- {k}: {v}" for k, v in data.items()],
