@@ -144,4 +144,6 @@ def test_missing_path_and_unknown_names(tmp_path, no_network):
 
 def test_priors_table():
     assert set(PRIORS) >= {"sd15", "sd21-base", "sd21"}
-    assert all(value.count("/") == 1 for value in PRIORS.values())
+    hub = {k: v for k, v in PRIORS.items() if k != "builtin"}
+    assert all(value.count("/") == 1 for value in hub.values())  # owner/name hub ids
+    assert PRIORS["builtin"].endswith("builtin-prior")  # the shipped folder

@@ -215,6 +215,7 @@ class BuiltinPrior(Prior):
         """Loads a saved builtin prior. Raises PriorLoadError with a one-line reason."""
         from diffusers import DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
+        from transformers.utils import logging as transformers_logging
 
         folder = Path(folder)
         marker = folder / MARKER_FILE
@@ -228,7 +229,9 @@ class BuiltinPrior(Prior):
             raw = meta["config"]
             cfg = BuiltinPriorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
             tokenizer = WordTokenizer(tuple(meta["vocabulary"]), cfg.max_tokens)
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet").float()
+            # Quiet loading: no accelerate hint, no weight-loading bar (dreamlab shows its own).
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).float()
+            transformers_logging.disable_progress_bar()
             text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").float()
             scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
         except Exception as err:  # noqa: BLE001 - any broken file means the prior is unusable
