@@ -25,8 +25,9 @@ class BenchPriorArgs:
     """Samples per prompt (and per view word for objects with a front)."""
     steps: int = 50
     """DDIM steps per sample."""
-    guidance_scale: float = 5.0
-    """Classifier-free guidance scale of the sampler."""
+    guidance_scale: float = 2.0
+    """Classifier-free guidance scale of the sampler (2 measured best for the builtin prior:
+    81% vs 0% prompt accuracy at 5 on four primitives; docs/builtin-prior.md)."""
     seed: int = 0
     """Base seed; the same seed gives the same samples."""
     out: Path = Path("bench-results/prior")

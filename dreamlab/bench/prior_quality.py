@@ -393,7 +393,7 @@ def run_prior_bench(
     views: Sequence[str] = VIEWS,
     samples_per: int = 8,
     steps: int = 50,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = 2.0,
     seed: int = 0,
     out_dir: Path | str = Path("bench-results/prior"),
     clip_x0: bool = True,

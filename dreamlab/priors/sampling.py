@@ -61,7 +61,7 @@ def ddim_sample(
     prompts: list[str],
     generator: torch.Generator,
     num_steps: int = 50,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = 2.0,
     negative_prompt: str = "",
     clip_x0: bool = True,
     eta: float = 0.0,
