@@ -29,8 +29,11 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """Loads and sanity-checks a checkpoint. Raises CheckpointError with a one-line reason."""
+def load_checkpoint(path: Path | str, required: tuple[str, ...] = _REQUIRED_KEYS) -> dict[str, Any]:
+    """Loads and sanity-checks a checkpoint. Raises CheckpointError with a one-line reason.
+
+    ``required``: the fields the caller's checkpoints must have (default: a 3D training run's).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -44,7 +47,7 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or truncated (it cannot be read back); "
             "delete it to resume from an earlier checkpoint, or start a new run"
         ) from None
-    if not isinstance(state, dict) or any(key not in state for key in _REQUIRED_KEYS):
+    if not isinstance(state, dict) or any(key not in state for key in required):
         raise CheckpointError(f"{path} is not a dreamlab checkpoint (missing fields)")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(

@@ -193,15 +193,15 @@ def generate(args: GenerateArgs) -> int:
     cfg = build_run_config(args)
     run_dir = args.out / prompt_slug(cfg.prompt)
     _check_writable(args.out)
-    has_checkpoint = find_latest_checkpoint(run_dir / "checkpoints") is not None
-    if has_checkpoint and not args.resume:
+    latest = find_latest_checkpoint(run_dir / "checkpoints")
+    if latest is not None and not args.resume:
         raise UserError(
             f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, "
             "or choose another --out"
         )
-    if has_checkpoint:  # fail fast on an unusable checkpoint, before loading the prior
+    if latest is not None:  # fail fast on an unusable checkpoint, before loading the prior
         try:
-            load_checkpoint(find_latest_checkpoint(run_dir / "checkpoints"))
+            load_checkpoint(latest)
         except CheckpointError as err:
             raise UserError(str(err)) from None
     device = resolve_device_or_fail(cfg.device)
@@ -335,7 +335,7 @@ def export(args: ExportArgs) -> int:
 
 
 def train_builtin(args: TrainBuiltinArgs) -> int:
-    from dreamlab.checkpoint import find_latest_checkpoint
+    from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint
     from dreamlab.priors.builtin import ASSET_DIR
     from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
 
@@ -354,7 +354,10 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
     _say("dreamlab: rendering the world's training views (cached in --work-dir)")
     trainer = BuiltinPriorTrainer(cfg, args.work_dir)
     if args.resume:
-        used = trainer.resume()
+        try:
+            used = trainer.resume()
+        except CheckpointError as err:
+            raise UserError(str(err)) from None
         _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else "dreamlab: no checkpoint, starting fresh")
     started = time.perf_counter()
     code = _drive(trainer, cfg.steps, "training prior", args.quiet,

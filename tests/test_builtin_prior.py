@@ -146,3 +146,21 @@ def test_unknown_word_with_builtin_prior_is_a_one_line_error(shipped, tmp_path, 
     assert code == 2 and len(err) == 1 and err[0].startswith("dreamlab: error: ")
     assert "dragon" in err[0] and "--prior sd21-base" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_prior_training_resumes_and_refuses_a_corrupt_checkpoint(tmp_path):
+    from dreamlab.checkpoint import CheckpointError
+    from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
+    from dreamlab.world.dataset import WorldDataConfig
+
+    cfg = BuiltinTrainConfig(steps=2, batch_size=2, checkpoint_every=1,
+                             data=WorldDataConfig(num_views=16))
+    first = BuiltinPriorTrainer(cfg, tmp_path)
+    list(first)
+    again = BuiltinPriorTrainer(cfg, tmp_path)
+    assert again.resume().name == "step_0000002.pt" and again.step == 2
+    for a, b in zip(first.ema_unet.parameters(), again.ema_unet.parameters()):
+        assert torch.equal(a, b)
+    (tmp_path / "checkpoints" / "step_0000002.pt").write_bytes(b"\x80\x02junk")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        BuiltinPriorTrainer(cfg, tmp_path).resume()

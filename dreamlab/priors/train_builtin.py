@@ -19,10 +19,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dreamlab.checkpoint import find_latest_checkpoint, prune_checkpoints
+from dreamlab.checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from dreamlab.export.atomic import atomic_write, atomic_write_text
 from dreamlab.priors.builtin import ASSET_DIR, BuiltinPrior, BuiltinPriorConfig, WordTokenizer, build_networks
 from dreamlab.world.dataset import WorldCache, WorldDataConfig, build_world_cache, sample_batch
+
+
+PRIOR_CHECKPOINT_KEYS = ("step", "unet", "text_encoder", "ema_unet", "ema_text", "optimizer", "generator")
 
 
 @dataclass
@@ -122,8 +130,7 @@ class BuiltinPriorTrainer:
             "last_loss": self.last_loss,
         }
         path = self._checkpoint_dir() / f"step_{self.step:07d}.pt"
-        with atomic_write(path) as tmp:
-            torch.save(state, tmp)
+        save_checkpoint(state, path)
         prune_checkpoints(self._checkpoint_dir(), keep=2)
         return path
 
@@ -131,7 +138,7 @@ class BuiltinPriorTrainer:
         path = find_latest_checkpoint(self._checkpoint_dir())
         if path is None:
             return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path, required=PRIOR_CHECKPOINT_KEYS)  # CheckpointError if unusable
         self.unet.load_state_dict(state["unet"])
         self.text_encoder.load_state_dict(state["text_encoder"])
         self.ema_unet.load_state_dict(state["ema_unet"])
