@@ -422,3 +422,64 @@ def test_export_by_extension(tmp_path):
     with pytest.raises(ValueError, match="cannot tell the export format"):
         export_by_extension(splat, tmp_path / "m.fbx", cfg)
     assert not (tmp_path / "n.ply").exists() and not (tmp_path / "m.fbx").exists()
+
+
+# ---------------------------------------------------------------- topology
+
+
+def _topology(mesh: trimesh.Trimesh) -> tuple[int, int, bool]:
+    return len(mesh.split(only_watertight=False)), int(mesh.euler_number), bool(mesh.is_watertight)
+
+
+@pytest.mark.parametrize("shape, genus", [("cube", 0), ("cone", 0), ("torus", 1), ("mug", 1), ("snowman", 0)])
+def test_world_objects_mesh_with_their_true_genus(shape, genus):
+    from dreamlab.world.sdf import get_object
+
+    obj = get_object(shape)
+    density = lambda xyz: 5.0 * torch.sigmoid(-obj.sdf_points(xyz) / 0.01)  # noqa: E731
+    em = extract_mesh(density, None, MeshExportConfig(resolution=80, faces=4000))
+    assert _topology(em.mesh) == (1, 2 - 2 * genus, True)
+
+
+def _spongy_ball(xyz: torch.Tensor) -> torch.Tensor:
+    """A ball of radius 0.4 drilled through by three thin tunnels, with a hollow inside: the kind of
+    density a score-distilled splat cloud leaves (genus 3 and a cavity as a raw isosurface)."""
+    ball = torch.linalg.norm(xyz, dim=-1) - 0.4
+    tunnels = []
+    for axis, (a, b) in enumerate([(0.12, 0.05), (-0.1, 0.15), (0.08, -0.13)]):
+        others = [i for i in range(3) if i != axis]
+        radial = torch.sqrt((xyz[:, others[0]] - a) ** 2 + (xyz[:, others[1]] - b) ** 2)
+        tunnels.append(0.012 - radial)  # inside a tunnel -> positive: carved out
+    cavity = 0.15 - torch.linalg.norm(xyz - torch.tensor([0.0, -0.05, 0.02]), dim=-1)
+    sdf = torch.maximum(ball, torch.stack(tunnels + [cavity]).max(dim=0).values)
+    return 5.0 * torch.sigmoid(-sdf / 0.004)
+
+
+def test_solidify_seals_tunnels_and_cavities_of_a_spongy_density():
+    cfg = MeshExportConfig(resolution=96, faces=6000)
+    raw = extract_mesh(_spongy_ball, None, MeshExportConfig(resolution=96, faces=6000, solidify=False,
+                                                             min_component_fraction=0.0))
+    components, euler, _ = _topology(raw.mesh)
+    assert (2 * components - euler) // 2 >= 3  # the raw isosurface keeps the tunnels (and the cavity)
+    solid = extract_mesh(_spongy_ball, None, cfg)
+    assert _topology(solid.mesh) == (1, 2, True)  # one closed genus-0 surface
+    assert np.isclose(solid.mesh.extents.max(), 1.0)
+
+
+def test_decimation_keeps_the_topology():
+    from dreamlab.export.mesh import decimate, topology_signature
+
+    r = FakeFieldRenderer("torus")
+    dense = extract_mesh(r.density, None, MeshExportConfig(resolution=96, faces=10**6)).mesh
+    assert len(dense.faces) > 10000
+    for budget in (3000, 600):
+        small = decimate(dense, budget)
+        assert len(small.faces) <= budget
+        assert topology_signature(small) == topology_signature(dense) == (1, 0, True)
+
+
+def test_solidify_settings_are_validated():
+    with pytest.raises(ValueError, match="close_cells"):
+        MeshExportConfig(resolution=32, close_cells=9).validate()
+    with pytest.raises(ValueError, match="smooth_cells"):
+        MeshExportConfig(smooth_cells=-1.0).validate()

@@ -55,6 +55,11 @@ class BuiltinPriorConfig:
     """Width of the text encoder and of the UNet's cross-attention."""
     text_layers: int = 2
     max_tokens: int = 12
+    pooled_text_conditioning: bool = True
+    """Also feed the mean of the text encoder's token states into every ResNet block (added to the
+    timestep embedding, diffusers ``class_embed_type="projection"``), so the prompt steers all
+    resolutions and not only the cross-attention levels. Weights saved before this option existed
+    load with it off."""
     """Context length: BOS + words + EOS, padded."""
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -136,6 +141,8 @@ def build_networks(cfg: BuiltinPriorConfig, vocab_size: int):
         cross_attention_dim=cfg.text_width,
         attention_head_dim=8,
         norm_num_groups=8,
+        class_embed_type="projection" if cfg.pooled_text_conditioning else None,
+        projection_class_embeddings_input_dim=cfg.text_width if cfg.pooled_text_conditioning else None,
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
@@ -171,6 +178,7 @@ class BuiltinPrior(Prior):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.unet.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
         self._cache: dict[str, Tensor] = {}
 
@@ -197,7 +205,10 @@ class BuiltinPrior(Prior):
         folder.mkdir(parents=True, exist_ok=True)
         dtype = torch.float16 if half else torch.float32
         for name, module in (("unet", self.unet), ("text_encoder", self.text_encoder)):
-            copy.deepcopy(module).to(dtype).save_pretrained(folder / name, safe_serialization=True)
+            module = copy.deepcopy(module).to(dtype)
+            for param in module.parameters():  # safetensors stores contiguous tensors only
+                param.data = param.data.contiguous()
+            module.save_pretrained(folder / name, safe_serialization=True)
         self.scheduler.save_pretrained(folder / "scheduler")
         meta = {
             "kind": "dreamlab-builtin-prior",
@@ -226,7 +237,8 @@ class BuiltinPrior(Prior):
             )
         try:
             meta = json.loads(marker.read_text(encoding="utf-8"))
-            raw = meta["config"]
+            raw = dict(meta["config"])
+            raw.setdefault("pooled_text_conditioning", False)  # weights from before the option
             cfg = BuiltinPriorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
             tokenizer = WordTokenizer(tuple(meta["vocabulary"]), cfg.max_tokens)
             # Quiet loading: no accelerate hint, no weight-loading bar (dreamlab shows its own).
@@ -265,5 +277,12 @@ class BuiltinPrior(Prior):
         return ((latents.float() + 1.0) * 0.5).clamp(0.0, 1.0)
 
     def predict_eps(self, x_t: Tensor, t: Tensor, embeds: Tensor) -> Tensor:
-        out = self.unet(x_t.to(self.device, self.dtype), t.to(self.device), encoder_hidden_states=embeds.to(self.device, self.dtype))
-        return out.sample.float()
+        return unet_eps(self.unet, self.cfg, x_t.to(self.device, self.dtype), t.to(self.device),
+                        embeds.to(self.device, self.dtype)).float()
+
+
+def unet_eps(unet, cfg: BuiltinPriorConfig, x_t: Tensor, t: Tensor, hidden: Tensor) -> Tensor:
+    """The UNet's ε for token states ``hidden`` [B, T, W]; shared by training and inference so
+    both condition the same way (cross-attention, plus the pooled text when configured)."""
+    pooled = hidden.mean(dim=1) if cfg.pooled_text_conditioning else None
+    return unet(x_t, t, encoder_hidden_states=hidden, class_labels=pooled).sample

@@ -26,7 +26,14 @@ from dreamlab.checkpoint import (
     save_checkpoint,
 )
 from dreamlab.export.atomic import atomic_write, atomic_write_text
-from dreamlab.priors.builtin import ASSET_DIR, BuiltinPrior, BuiltinPriorConfig, WordTokenizer, build_networks
+from dreamlab.priors.builtin import (
+    ASSET_DIR,
+    BuiltinPrior,
+    BuiltinPriorConfig,
+    WordTokenizer,
+    build_networks,
+    unet_eps,
+)
 from dreamlab.world.dataset import WorldCache, WorldDataConfig, build_world_cache, sample_batch
 
 
@@ -48,6 +55,11 @@ class BuiltinTrainConfig:
     """Exponential moving average of the weights; the EMA weights are what ships."""
     condition_dropout: float = 0.1
     """Probability of training on the empty caption (enables classifier-free guidance)."""
+    min_snr_gamma: float | None = 5.0
+    """Min-SNR-γ loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy"): each sample's ε loss is scaled by min(SNR(t), γ) / SNR(t), which stops the
+    easy low-noise steps from dominating and speeds convergence at the high-noise steps where shape
+    and layout are decided. None = plain ε-MSE."""
     seed: int = 0
     checkpoint_every: int = 250
     data: WorldDataConfig = field(default_factory=WorldDataConfig)
@@ -60,6 +72,8 @@ class BuiltinTrainConfig:
             raise ValueError("condition_dropout must lie in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay must lie in [0, 1)")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0.0:
+            raise ValueError("min_snr_gamma must be > 0 (or None for plain ε-MSE)")
 
 
 @dataclass
@@ -67,8 +81,17 @@ class PriorTrainReport:
     step: int
     total_steps: int
     loss: float
+    """The (weighted) training loss of this step's batch."""
     seconds: float
     checkpoint: str | None = None
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-sample weights min(SNR, γ) / SNR of the ε-prediction loss, SNR = ᾱ / (1 − ᾱ); ones when γ is None."""
+    if gamma is None:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
 
 
 def _lr_factor(step: int, cfg: BuiltinTrainConfig) -> float:
@@ -93,6 +116,8 @@ class BuiltinPriorTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.text_encoder, self.unet, self.scheduler = build_networks(cfg.model, self.tokenizer.vocab_size)
+        # channels-last convolutions: 0.51 vs 0.69 s per step on 2 CPU cores (oneDNN), same numbers.
+        self.unet.to(memory_format=torch.channels_last)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
@@ -168,8 +193,9 @@ class BuiltinPriorTrainer:
         self.unet.train()
         self.text_encoder.train()
         hidden = self.text_encoder(input_ids=self.tokenizer(captions)).last_hidden_state
-        pred = self.unet(x_t, t, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(pred, noise)
+        pred = unet_eps(self.unet, cfg.model, x_t, t, hidden)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(abar.flatten(), cfg.min_snr_gamma)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
@@ -223,6 +249,7 @@ def model_card(
         f"{cfg.learning_rate} (warm-up {cfg.warmup_steps}, cosine to 10% over the scheduled steps), "
         f"weight decay {cfg.weight_decay}, EMA {cfg.ema_decay}",
         f"- condition dropout {cfg.condition_dropout} (classifier-free guidance), seed {cfg.seed}",
+        f"- loss: ε-MSE" + (f" with min-SNR-γ weighting, γ = {cfg.min_snr_gamma}" if cfg.min_snr_gamma else ""),
         f"- last training loss {final_loss:.4f} (one batch; noisy); {minutes} on a 2-core CPU",
         "",
         "## Data (the world's bias knobs)",
