@@ -160,6 +160,12 @@ def build_run_config(args: GenerateArgs):
         )
         cfg.export = cfg.export.with_overrides(args.faces, args.size_m, args.texture_size)
         cfg.export.validate()
+        options = getattr(args, args.guidance, None)
+        if options is not None:
+            from dreamlab.guidance.options import apply_options
+
+            cfg.guidance = apply_options(cfg.guidance, options)
+            cfg.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
     return cfg
@@ -375,6 +381,36 @@ COMMAND_GROUPS = {
 }
 
 
+def guidance_from_argv(argv: list[str]) -> str:
+    """The value of ``--guidance`` in ``argv`` (``"sds"`` when absent), before tyro parses it."""
+    for index, arg in enumerate(argv):
+        if arg == "--guidance" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--guidance="):
+            return arg.split("=", 1)[1]
+    return GenerateArgs.guidance
+
+
+def generate_args_with_guidance_options(method: str) -> type:
+    """GenerateArgs plus ``--<method>.<field>`` options of the chosen guidance (its own help text).
+
+    An unknown method gets plain GenerateArgs; build_run_config then names the known ones.
+    """
+    from dreamlab.guidance import GUIDANCES
+    from dreamlab.guidance.options import options_type
+
+    if method not in GUIDANCES:
+        return GenerateArgs
+    options = options_type(method, GUIDANCES[method])
+    made = dataclasses.make_dataclass(
+        "GenerateArgs",
+        [(method, options, dataclasses.field(default_factory=options))],
+        bases=(GenerateArgs,),
+    )
+    made.__doc__ = GenerateArgs.__doc__
+    return made
+
+
 def _parse(argv: list[str]):
     """Top-level commands (generate, export) and command groups (prior ..., bench ...)."""
     if argv and argv[0] in COMMAND_GROUPS:
@@ -384,8 +420,11 @@ def _parse(argv: list[str]):
                          "BenchQualityArgs": BenchQualityArgs}
         group = {name: types_by_name[t] for name, t in COMMAND_GROUPS[argv[0]].items()}
         return tyro.extras.subcommand_cli_from_dict(group, args=argv[1:], prog=f"dreamlab {argv[0]}")
+    generate_type = GenerateArgs
+    if argv and argv[0] == "generate":
+        generate_type = generate_args_with_guidance_options(guidance_from_argv(argv[1:]))
     return tyro.extras.subcommand_cli_from_dict(
-        {"generate": GenerateArgs, "export": ExportArgs},
+        {"generate": generate_type, "export": ExportArgs},
         args=argv,
         prog="dreamlab",
         description="dreamlab: text to game-ready 3D assets. More commands: "

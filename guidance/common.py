@@ -137,3 +137,40 @@ def alpha_sigma(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """(α_t, σ_t) = (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) shaped [B, 1, 1, 1] for broadcasting over images."""
     abar = alphas_cumprod[t.to(alphas_cumprod.device)].float().view(-1, 1, 1, 1)
     return abar.sqrt(), (1.0 - abar).sqrt()
+
+
+def predict_eps_cfg(
+    prior, x_t: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(ε̂_cfg, ε_y, ε_∅) for noisy inputs ``x_t`` [B, C, h, w] at timesteps ``t`` [B], in one
+    batched ``predict_eps`` call (conditional half first). CFG convention A. No gradient is
+    tracked: call it inside ``torch.no_grad()`` or on detached inputs.
+
+    Args:
+        prior: a ``dreamlab.priors.base.Prior``.
+        cond, uncond: per-view text embeddings [B, L, D] (e.g. from ``PromptConfig.embeds_for_cameras``).
+        scale: CFG scale s; ε̂_cfg = ε_∅ + s (ε_y − ε_∅).
+    """
+    eps = prior.predict_eps(
+        torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]).to(prior.device)
+    )
+    eps_cond, eps_uncond = eps.chunk(2)
+    return cfg_combine(eps_uncond, eps_cond, scale), eps_cond, eps_uncond
+
+
+def predict_x0(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """The clean-sample estimate x̂_0 = (x_t − σ_t ε̂) / α_t (Tweedie's formula for ε-prediction)."""
+    return (x_t - sigma * eps) / alpha
+
+
+def ddim_step(
+    x_from: Tensor, eps: Tensor, alpha_from: Tensor, sigma_from: Tensor, alpha_to: Tensor, sigma_to: Tensor
+) -> Tensor:
+    """Deterministic DDIM (η = 0) move of ``x_from`` at one noise level to another with noise
+    estimate ``eps``: x_to = α_to x̂_0 + σ_to ε, x̂_0 = (x_from − σ_from ε) / α_from.
+
+    Works in both directions: towards less noise (sampling) and towards more noise (DDIM
+    inversion, as in ISM/TSM/CSM). α, σ are [B, 1, 1, 1] (``alpha_sigma``); for the clean end
+    (t = −1 in LucidDreamer's code) pass α = 1, σ = 0.
+    """
+    return alpha_to * predict_x0(x_from, eps, alpha_from, sigma_from) + sigma_to * eps
