@@ -19,7 +19,7 @@ from typing import Any, Literal
 from dreamlab import schedules
 from dreamlab.cameras import CameraSamplerConfig
 from dreamlab.export import ExportConfig, VideoConfig
-from dreamlab.guidance import GUIDANCES
+from dreamlab.guidance import GUIDANCES, BUILTIN_PRIOR_GUIDANCE_PRESETS, GuidanceConfig
 from dreamlab.guidance.sds import SDSConfig
 from dreamlab.prompts import PromptConfig
 from dreamlab.renderers.gaussians.model import GaussianConfig
@@ -29,9 +29,6 @@ MAX_PROMPT_CHARS = 1000
 
 CPU_FRIENDLY_VIDEO = VideoConfig(num_frames=72, resolution=256, fps=24)
 """Default turntable: 3 s at 256 px renders in seconds on a CPU (pass a bigger one on a GPU)."""
-
-GuidanceConfig = SDSConfig
-"""Union of every guidance config type (only SDS so far)."""
 
 BUILTIN_PRIOR = "builtin"
 """Name of dreamlab's own offline prior (closed vocabulary; weights in assets/builtin-prior)."""
@@ -164,6 +161,11 @@ def make_run_config(
     if guidance_scale is not None:
         if guidance_scale < 0:
             raise ValueError(f"--guidance-scale must be >= 0, got {guidance_scale}")
+        if not hasattr(cfg.guidance, "guidance_scale"):
+            raise ValueError(
+                f"--guidance-scale does not apply to {guidance}: it has no single CFG scale; "
+                f"see `dreamlab generate --guidance {guidance} --help` for its weights"
+            )
         cfg.guidance = dataclasses.replace(cfg.guidance, guidance_scale=guidance_scale)
     if gaussians is not None:
         if gaussians < 1:
@@ -184,8 +186,9 @@ def _apply_prior_preset(cfg: RunConfig) -> None:
 
     if cfg.prior != BUILTIN_PRIOR and not BuiltinPrior.is_builtin_folder(cfg.prior):
         return
-    if hasattr(cfg.guidance, "guidance_scale"):
-        cfg.guidance = dataclasses.replace(cfg.guidance, guidance_scale=7.5)
+    preset = BUILTIN_PRIOR_GUIDANCE_PRESETS.get(guidance_name(cfg.guidance), {})
+    if preset:
+        cfg.guidance = dataclasses.replace(cfg.guidance, **preset)
     cfg.train.background = BackgroundConfig(mode="white")
     cfg.train.resolution = schedules.Piecewise((64.0,), ())
     cfg.train.steps = 600

@@ -6,17 +6,22 @@
   then front, back, overhead, later matches overwriting earlier ones.
 * ``embeds_for_cameras`` picks per-camera (cond, uncond) embeddings: discrete views,
   LucidDreamer's linear interpolation front↔side↔back, or the plain prompt.
+* ``perp_neg_embeds_for_cameras`` gives Perp-Neg's per-camera positive embedding, its two
+  negative embeddings and their weights (threestudio ``get_text_embeddings_perp_neg``, spec §1.2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from dreamlab.types import VIEW_NAMES, Cameras, PromptEmbeds, wrap_azimuth
+
+if TYPE_CHECKING:  # dreamlab.guidance imports this module: no runtime import back
+    from dreamlab.guidance.common import PerpNegWeights
 
 ViewMode = Literal["discrete", "interpolated", "none"]
 VIEW_MODES: tuple[str, ...] = ("discrete", "interpolated", "none")
@@ -59,6 +64,13 @@ class PromptConfig:
             back_threshold=self.back_threshold,
             overhead_threshold=self.overhead_threshold,
         )
+
+    def perp_neg_embeds_for_cameras(
+        self, embeds: PromptEmbeds, cams: Cameras, weights: PerpNegWeights
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``perp_neg_embeds_for_cameras`` with this config's overhead threshold (the front and
+        back thresholds play no part in Perp-Neg, as in threestudio)."""
+        return perp_neg_embeds_for_cameras(embeds, cams, weights, overhead_threshold=self.overhead_threshold)
 
 
 def view_prompt(prompt: str, view: str) -> str:
@@ -155,3 +167,54 @@ def embeds_for_cameras(
         raise ValueError(f"view-dependent mode must be one of {VIEW_MODES}, got {mode!r}")
     uncond = embeds.negative.unsqueeze(0).expand(batch, -1, -1)
     return cond, uncond
+
+
+def perp_neg_embeds_for_cameras(
+    embeds: PromptEmbeds, cams: Cameras, weights: PerpNegWeights, overhead_threshold: float = 60.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Perp-Neg's per-camera embeddings and negative weights (threestudio
+    ``PromptProcessorOutput.get_text_embeddings_perp_neg``; spec §1.2).
+
+    Azimuth φ is wrapped to (−180, 180] (0 = front, as everywhere in dreamlab); E(v) is
+    ``embeds.by_view`` of view v.
+
+    * overhead (elevation > ``overhead_threshold``, as in ``view_direction_index``):
+      positive E(overhead); the two negatives are the negative prompt, with weights 0.
+    * |φ| < 90°: r = 1 − |φ|/90 (1 = front, 0 = side), positive r E(front) + (1 − r) E(side),
+      negatives [E(front), E(side)] with weights [−f_fs(r), −f_sf(1 − r)].
+    * |φ| ≥ 90°: r = 2 − |φ|/90 (1 = side, 0 = back), positive r E(side) + (1 − r) E(back),
+      negatives [E(side), E(front)] with weights [−f_sb(r), −f_fsb(r)].
+
+    The front/back thresholds play no part (only the overhead test uses a threshold). Note
+    that φ = −90° belongs to the side↔back half here (threestudio: ``|φ| < 90``), whereas
+    LucidDreamer's ``interpolation_weights`` puts it in the front half; the positive is E(side)
+    either way.
+
+    Args:
+        weights: the decay functions (``dreamlab.guidance.common.PerpNegWeights``).
+    Returns:
+        (pos [B, L, D], uncond [B, L, D] = negative prompt, negs [B, 2, L, D], neg_weights [B, 2]).
+    """
+    batch = len(cams)
+    device = embeds.plain.device
+    azimuth = wrap_azimuth(cams.azimuth_deg.float()).to(device)
+    elevation = cams.elevation_deg.float().to(device)
+    a = azimuth.abs()
+    front_half = a < 90.0
+    overhead = elevation > overhead_threshold
+    r = torch.where(front_half, 1.0 - a / 90.0, 2.0 - a / 90.0)
+
+    by_view = embeds.by_view
+    front, side, back = by_view[FRONT], by_view[SIDE], by_view[BACK]
+    rr = r.view(-1, 1, 1).to(by_view.dtype)
+    fh = front_half.view(-1, 1, 1)
+    pos = torch.where(fh, rr * front + (1.0 - rr) * side, rr * side + (1.0 - rr) * back)
+    pos = torch.where(overhead.view(-1, 1, 1), by_view[OVERHEAD], pos)
+
+    negs = torch.stack([torch.where(fh, front, side), torch.where(fh, side, front)], dim=1)  # [B, 2, L, D]
+    negs = torch.where(overhead.view(-1, 1, 1, 1), embeds.negative, negs)
+    neg_weights = weights.negative_weights(r, front_half)
+    neg_weights = torch.where(overhead.view(-1, 1), torch.zeros_like(neg_weights), neg_weights)
+
+    uncond = embeds.negative.unsqueeze(0).expand(batch, -1, -1)
+    return pos, uncond, negs, neg_weights

@@ -174,3 +174,90 @@ def ddim_step(
     (t = −1 in LucidDreamer's code) pass α = 1, σ = 0.
     """
     return alpha_to * predict_x0(x_from, eps, alpha_from, sigma_from) + sigma_to * eps
+
+
+# ------------------------------------------------------------------------------ Perp-Neg
+
+DecayTriple = tuple[float, float, float]
+"""(a, b, c) of a shifted exponential decay f(r) = a·exp(−b·r) + c."""
+
+
+def shifted_exponential_decay(a: float, b: float, c: float, r: Tensor) -> Tensor:
+    """f(r) = a·exp(−b·r) + c (threestudio ``shifted_expotional_decay``), elementwise."""
+    return a * torch.exp(-b * r) + c
+
+
+@dataclass(frozen=True)
+class PerpNegWeights:
+    """The decay functions that weight Perp-Neg's negative prompts (spec §1.2, threestudio
+    ``prompt_processor.perp_neg_f_*``); each is (a, b, c) of f(r) = a·exp(−b·r) + c.
+
+    With r the interpolation coefficient of the camera (1 = pure front / pure side, see
+    ``dreamlab.prompts.perp_neg_embeds_for_cameras``), the weights of the two negatives are
+    ``[−f_fs(r), −f_sf(1 − r)]`` (negatives [front, side]) when |φ| < 90°, and
+    ``[−f_sb(r), −f_fsb(r)]`` (negatives [side, front]) otherwise; 0 for overhead views.
+    """
+
+    f_sb: DecayTriple = (1.0, 0.5, -0.606)
+    """Side-negative weight on the side↔back half, of r = 2 − |φ|/90 (threestudio
+    ``perp_neg_f_sb``); f_sb(1) ≈ 0.0005, so a pure side view hardly negates "side"."""
+    f_fsb: DecayTriple = (1.0, 0.5, 0.967)
+    """Front-negative weight on the side↔back half, of r (threestudio ``perp_neg_f_fsb``):
+    1.967 at the back, 1.574 at the side."""
+    f_fs: DecayTriple = (4.0, 0.5, -2.426)
+    """Front-negative weight on the front↔side half, of r = 1 − |φ|/90 (threestudio
+    ``perp_neg_f_fs``); f_fs(1) ≈ 0 (a pure front view does not negate "front")."""
+    f_sf: DecayTriple = (4.0, 0.5, -2.426)
+    """Side-negative weight on the front↔side half, of 1 − r (threestudio ``perp_neg_f_sf``)."""
+
+    def validate(self) -> None:
+        """Raises ValueError unless every function is three finite numbers."""
+        for name in ("f_sb", "f_fsb", "f_fs", "f_sf"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+                raise ValueError(f"perp-neg {name} must be three finite numbers (a, b, c), got {value!r}")
+
+    def negative_weights(self, r: Tensor, front_half: Tensor) -> Tensor:
+        """Weights [B, 2] (≤ 0 with the defaults) of the two negatives of each camera.
+
+        Args:
+            r: [B] interpolation coefficient (1 − |φ|/90 on the front half, 2 − |φ|/90 on
+                the back half).
+            front_half: [B] bool, |φ| < 90°: negatives (front, side); else (side, front).
+        """
+        r = r.float()
+        f = shifted_exponential_decay
+        front = torch.stack([-f(*self.f_fs, r), -f(*self.f_sf, 1.0 - r)], dim=-1)
+        back = torch.stack([-f(*self.f_sb, r), -f(*self.f_fsb, r)], dim=-1)
+        return torch.where(front_half.unsqueeze(-1), front, back)
+
+
+def perpendicular_component(x: Tensor, y: Tensor) -> Tensor:
+    """Part of ``x`` orthogonal to ``y``, per sample over all non-batch dims [B, ...]:
+    x − (⟨x, y⟩ / max(‖y‖², 1e−6)) y (threestudio ``perpendicular_component``)."""
+    dims = tuple(range(1, x.ndim))
+    coeff = (x * y).sum(dim=dims) / (y * y).sum(dim=dims).clamp(min=1e-6)
+    return x - coeff.view(-1, *[1] * (x.ndim - 1)) * y
+
+
+def perp_neg_combine(
+    eps_uncond: Tensor, eps_pos: Tensor, eps_negs: Tensor, neg_weights: Tensor, scale: float
+) -> Tensor:
+    """Perp-Neg guidance, CFG convention A (threestudio's Perp-Neg path, spec §1.2):
+
+        e_pos = ε_pos − ε_∅,  e_i = ε_neg_i − ε_∅
+        ε̂ = ε_∅ + s (e_pos + Σ_i w_i perp(e_i, e_pos))
+
+    Args:
+        eps_uncond, eps_pos: [B, C, h, w] predictions with the negative prompt (∅) and the
+            Perp-Neg positive embedding.
+        eps_negs: [B, K, C, h, w] predictions with the K negative embeddings of each sample.
+        neg_weights: [B, K] weights w_i (≤ 0 with threestudio's defaults; 0 for overhead).
+        scale: CFG scale s.
+    """
+    e_pos = eps_pos - eps_uncond
+    accum = torch.zeros_like(e_pos)
+    for i in range(eps_negs.shape[1]):
+        w_i = neg_weights[:, i].to(e_pos).view(-1, *[1] * (e_pos.ndim - 1))
+        accum = accum + w_i * perpendicular_component(eps_negs[:, i] - eps_uncond, e_pos)
+    return eps_uncond + scale * (e_pos + accum)

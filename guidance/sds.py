@@ -11,6 +11,26 @@ No gradient flows through the U-Net. g is ``nan_to_num``'d and optionally clampe
 surrogate loss 0.5 Σ (x − sg(x − g))² / B, so ∂loss/∂x = loss_scale · g / B. Reference code:
 threestudio ``models/guidance/stable_diffusion_guidance.py`` (``compute_grad_sds``); see
 docs/guidance-spec.md §1.
+
+Optional Perp-Neg (Armandpour, Sadeghian, Zheng, Sadeghian, Zhou, 2023, arXiv 2304.04968;
+``perp_neg=True``, threestudio ``prompt_processor.use_perp_neg``, spec §1.2). The conditional
+prompt becomes threestudio's azimuth-interpolated positive embedding y_pos (E(overhead) above
+the overhead threshold), and the two pure view prompts it blends between ([front, side] on the
+front half, [side, front] on the back half) are negatives with weights w_i ≤ 0 that decay with
+the distance of the camera from that view (``dreamlab.prompts.perp_neg_embeds_for_cameras``):
+
+    e_pos = ε_φ(x_t; y_pos, t) − ε_φ(x_t; ∅, t),   e_i = ε_φ(x_t; neg_i, t) − ε_φ(x_t; ∅, t)
+    ε̂ = ε_φ(x_t; ∅, t) + s (e_pos + Σ_i λ w_i perp(e_i, e_pos))
+    perp(a, b) = a − ⟨a,b⟩/max(‖b‖², 1e−6) b          (per view, over all pixels and channels)
+    g = w(t) (ε̂ − ε)
+
+(convention A, λ = ``perp_neg_scale``), from one batched ``predict_eps`` call over
+``[y_pos; ∅; neg_1; neg_2]`` (blocks of B). Each view's negatives are evaluated at its own
+x_t and t; threestudio interleaves the negative embeddings per view but repeats x_t and t in
+blocks, so for B > 1 it evaluates negatives at another view's x_t (its open issue #456); dreamlab
+does not reproduce that. Reference: threestudio ``compute_grad_sds`` (Perp-Neg branch),
+``prompt_processors/base.py`` (``get_text_embeddings_perp_neg``), ``utils/ops.py``
+(``perpendicular_component``, ``shifted_expotional_decay``).
 """
 
 from __future__ import annotations
@@ -22,11 +42,13 @@ import torch
 from torch import Tensor
 
 from dreamlab.guidance.common import (
+    PerpNegWeights,
     TimestepSchedule,
     WEIGHTINGS,
     Weighting,
     alpha_sigma,
     cfg_combine,
+    perp_neg_combine,
     sample_noise,
     surrogate_loss,
     weighting,
@@ -57,6 +79,17 @@ class SDSConfig:
     None disables it (threestudio default)."""
     loss_scale: float = 1.0
     """Multiplies the loss (threestudio's lambda_sds)."""
+    perp_neg: bool = False
+    """Perp-Neg (threestudio ``use_perp_neg``, default off): the conditional prompt becomes the
+    azimuth-interpolated front/side/back embedding, and the other views' prompts are subtracted
+    perpendicularly to it with decaying weights. Replaces the view-dependent prompt (needs
+    view_dependent != "none"). Note that threestudio's Perp-Neg branch is CFG convention A, so
+    its guidance_scale 100 is 100 here (not 101)."""
+    perp_neg_scale: float = 1.0
+    """Multiplies Perp-Neg's negative weights (1 = threestudio; ScaleDreamer's
+    ``guidance_perp_neg: g`` is perp_neg_scale = −g)."""
+    perp_neg_weights: PerpNegWeights = field(default_factory=PerpNegWeights)
+    """Perp-Neg's decay functions f(r) = a·exp(−b·r) + c (threestudio ``perp_neg_f_*`` defaults)."""
 
     def validate(self) -> None:
         """Raises ValueError with a one-line message for impossible settings."""
@@ -68,6 +101,11 @@ class SDSConfig:
             raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
         if not math.isfinite(self.loss_scale):
             raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
+        if not math.isfinite(self.perp_neg_scale):
+            raise ValueError(f"perp_neg_scale must be finite, got {self.perp_neg_scale}")
+        if self.perp_neg and self.view_dependent == "none":
+            raise ValueError('perp_neg needs view-dependent prompts: view_dependent cannot be "none"')
+        self.perp_neg_weights.validate()
         for progress in (0.0, 0.5, 1.0):
             self.timesteps.bounds(progress, 1000)  # raises if the range is empty
             if self.grad_clip is not None and not self.grad_clip(progress) > 0.0:
@@ -86,6 +124,7 @@ class SDSAux:
     eps_pred: Tensor  # [B, C, h, w] ε̂ after CFG
     weights: Tensor  # [B] w(t)
     grad: Tensor  # [B, C, h, w] g = w(t)(ε̂ − ε) after nan_to_num and clipping
+    neg_weights: Tensor | None = None  # [B, 2] Perp-Neg weights λ·w_i applied (None without Perp-Neg)
 
 
 class SDS:
@@ -96,6 +135,8 @@ class SDS:
         self.prior = prior
         self.prompt = prompt
         self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+        if cfg.perp_neg and self.view_mode == "none":
+            raise ValueError('perp_neg needs view-dependent prompts, but the view mode is "none"')
 
     def __call__(
         self,
@@ -118,19 +159,38 @@ class SDS:
         t = cfg.timesteps(progress, batch, prior.num_train_timesteps, generator).to(prior.device)
         noise = sample_noise(tuple(latents.shape), generator, latents.device)
 
-        # 3. Per-view text embeddings: cond = prompt with view words, uncond = negative prompt.
-        cond, uncond = self.prompt.embeds_for_cameras(embeds, cams, self.view_mode)
+        # 3. Per-view text embeddings: cond = prompt with view words, uncond = negative prompt;
+        #    with Perp-Neg: cond = interpolated positive, plus 2 weighted negatives per view.
+        neg_weights = None
+        if cfg.perp_neg:
+            cond, uncond, negs, neg_weights = self.prompt.perp_neg_embeds_for_cameras(
+                embeds, cams, cfg.perp_neg_weights
+            )
+            neg_weights = cfg.perp_neg_scale * neg_weights.to(prior.device)
+        else:
+            cond, uncond = self.prompt.embeds_for_cameras(embeds, cams, self.view_mode)
 
         # 4. Noise the latents and predict ε̂ with CFG (one batched U-Net call, no gradient).
         alphas_cumprod = prior.alphas_cumprod
         alpha, sigma = alpha_sigma(alphas_cumprod, t)
         with torch.no_grad():
             x_t = alpha * latents.detach() + sigma * noise
-            eps = prior.predict_eps(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]).to(prior.device)
-            )
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps_pred = cfg_combine(eps_uncond, eps_cond, cfg.guidance_scale)
+            if neg_weights is None:
+                eps = prior.predict_eps(
+                    torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]).to(prior.device)
+                )
+                eps_cond, eps_uncond = eps.chunk(2)
+                eps_pred = cfg_combine(eps_uncond, eps_cond, cfg.guidance_scale)
+            else:
+                # Blocks of B: [y_pos; ∅; 1st negatives; 2nd negatives], each on the view's own
+                # x_t (threestudio interleaves the negatives but not x_t, its issue #456).
+                k = negs.shape[1]
+                emb = torch.cat([cond, uncond, *negs.unbind(1)]).to(prior.device)
+                eps = prior.predict_eps(x_t.repeat(2 + k, 1, 1, 1), t.repeat(2 + k), emb)
+                eps_cond, eps_uncond, *eps_negs = eps.chunk(2 + k)
+                eps_pred = perp_neg_combine(
+                    eps_uncond, eps_cond, torch.stack(eps_negs, dim=1), neg_weights, cfg.guidance_scale
+                )
 
             # 5. g = w(t)(ε̂ − ε), made finite, optionally clamped (D-SDS).
             w = weighting(cfg.weighting, alphas_cumprod, t)
@@ -145,5 +205,5 @@ class SDS:
             loss=loss,
             timesteps=t.detach().cpu(),
             grad_norm=grad.norm(),
-            aux=SDSAux(noise=noise, eps_pred=eps_pred, weights=w, grad=grad),
+            aux=SDSAux(noise=noise, eps_pred=eps_pred, weights=w, grad=grad, neg_weights=neg_weights),
         )

@@ -248,8 +248,8 @@ def test_guidance_contract(prior, embeds, name):
     assert out.timesteps.shape == (2,) and lo <= out.timesteps.min() and out.timesteps.max() <= hi
     out2, grad2 = run(7)
     assert torch.equal(out.loss, out2.loss) and torch.equal(grad, grad2)
-    out3, _ = run(8)
-    assert not torch.equal(out.loss, out3.loss)
+    out3, grad3 = run(8)
+    assert not torch.equal(grad, grad3)  # (a normalised gradient may keep the same loss value)
 
 
 # ------------------------------------------------------------------------------ pixel prior
