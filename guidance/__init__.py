@@ -15,12 +15,16 @@ from dreamlab.guidance.bsd import BSD, BSDConfig
 from dreamlab.guidance.cds import CDS, CDSConfig
 from dreamlab.guidance.csm import CSM, CSMConfig
 from dreamlab.guidance.dsd import DSD, DSDConfig
+from dreamlab.guidance.esd import ESD, ESDConfig
 from dreamlab.guidance.ism import ISM, ISMConfig
 from dreamlab.guidance.tsm import TSM, TSMConfig
+from dreamlab.guidance.vsd import VSD, VSDConfig
 from dreamlab.guidance.sds import SDS, SDSConfig
 
 GUIDANCES: dict[str, type] = {
     "sds": SDSConfig,
+    "vsd": VSDConfig,
+    "esd": ESDConfig,
     "csm": CSMConfig,
     "ism": ISMConfig,
     "tsm": TSMConfig,
@@ -31,7 +35,7 @@ GUIDANCES: dict[str, type] = {
 }
 """Method name (``dreamlab generate --guidance NAME``) -> config dataclass with the paper's defaults."""
 
-GuidanceConfig = SDSConfig | CSMConfig | ISMConfig | TSMConfig | ASDConfig | BSDConfig | DSDConfig | CDSConfig
+GuidanceConfig = SDSConfig | VSDConfig | ESDConfig | CSMConfig | ISMConfig | TSMConfig | ASDConfig | BSDConfig | DSDConfig | CDSConfig
 """Union of every guidance config type."""
 
 BUILTIN_PRIOR_GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
@@ -47,6 +51,9 @@ BUILTIN_PRIOR_GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
     # prior use CFG-like magnitudes and SDS's weighting, and 2 inversion steps to keep the cost low.
     "csm": {"guidance_scale": 7.5, "grad_normalize": False, "weighting": "sds", "inversion_steps": 2},
     "cds": {"guidance_scale": 7.5},
+    # ProlificDreamer's CFG 7.5 already; the small prior's LoRA learns fast enough at 1e-4.
+    "vsd": {},
+    "esd": {},
     "ism": {},  # LucidDreamer's CFG 7.5 is already SDS's builtin-prior scale
     "tsm": {},  # Consistent3D anneals 101 -> 51 (convention A) for SD
 }
@@ -64,11 +71,15 @@ __all__ = [
     "CSMConfig",
     "DSD",
     "DSDConfig",
+    "ESD",
+    "ESDConfig",
     "GUIDANCES",
     "ISM",
     "ISMConfig",
     "TSM",
     "TSMConfig",
+    "VSD",
+    "VSDConfig",
     "GuidanceConfig",
     "SDS",
     "SDSConfig",

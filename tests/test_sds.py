@@ -231,10 +231,10 @@ def test_sds_view_mode_from_prompt_config(prior, embeds, monkeypatch):
 def test_guidance_contract(prior, embeds, name):
     cfg = GUIDANCES[name]()
     assert dataclasses.is_dataclass(cfg)
-    guidance = cfg.build(prior)
     cams = _cams(2)
 
     def run(seed):
+        guidance = cfg.build(prior)  # fresh: VSD/ESD train their LoRA inside every call
         rgb = torch.rand(2, 24, 24, 3, generator=torch.Generator().manual_seed(99)).requires_grad_()
         out = guidance(rgb, cams, embeds, 0.3, torch.Generator().manual_seed(seed))
         out.loss.backward()

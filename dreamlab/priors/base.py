@@ -8,6 +8,8 @@ themselves for a pixel-space prior), predicts noise, and exposes its diffusers s
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -59,6 +61,58 @@ class Prior(abc.ABC):
             embeds: [B, L, D] text embeddings.
         """
 
+    def predict_eps_with_unet(
+        self, unet, x_t: Tensor, t: Tensor, embeds: Tensor, extra_class_emb: Tensor | None = None
+    ) -> Tensor:
+        """``predict_eps`` run through ``unet`` instead of the frozen denoiser.
+
+        Priors that implement it expose their frozen diffusers U-Net as ``self.unet``, and
+        ``unet`` is a trainable copy of it (e.g. VSD's LoRA U-Net); the
+        input/output conversions (dtype, v-prediction → ε, pooled-text conditioning) are exactly
+        those of ``predict_eps``. Gradients flow (no ``no_grad``), so a caller can train the copy.
+
+        Args:
+            unet: a diffusers ``UNet2DConditionModel`` shaped like ``self.unet``.
+            x_t, t, embeds: as in ``predict_eps``.
+            extra_class_emb: optional [B, D] vector added to the U-Net's timestep embedding,
+                D = the time-embedding width. diffusers sums the time and class embeddings
+                before use, so this equals adding it to the class embedding (threestudio's
+                camera embedding for VSD) and composes with an existing one (the builtin prior's
+                pooled text); see ``add_to_time_embedding``.
+        Raises:
+            NotImplementedError: the prior has no diffusers U-Net to copy.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot run a copy of its denoiser (no predict_eps_with_unet); "
+            "methods that train a LoRA on the prior (VSD, ESD) need a Stable Diffusion or the builtin prior"
+        )
+
     def parameters(self):  # noqa: D401 - iterate the frozen weights (tests check none need grad)
         """All weights of the frozen networks."""
         return iter(())
+
+
+@contextmanager
+def add_to_time_embedding(unet, extra: Tensor | None) -> Iterator[None]:
+    """Within the block, ``unet.time_embedding``'s output gets ``extra`` [B, D] added.
+
+    diffusers' ``UNet2DConditionModel`` computes ``emb = time_embedding(t) + class_embedding(c)``
+    (then ``+ aug_emb``) before any non-linearity, so this is the same as adding ``extra`` to the
+    class embedding, whether the U-Net has one or not. The hook is removed on exit. ``None`` does
+    nothing. Raises ValueError for U-Nets that concatenate the class embedding instead.
+    """
+    if extra is None:
+        yield
+        return
+    if getattr(unet.config, "class_embeddings_concat", False):
+        raise ValueError("cannot add an embedding to a U-Net with class_embeddings_concat=True")
+
+    def hook(module, inputs, output):
+        assert output.shape == extra.shape, (tuple(output.shape), tuple(extra.shape))
+        return output + extra.to(output.dtype)
+
+    handle = unet.time_embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import dreamlab.assets
 
-from dreamlab.priors.base import Prior
+from dreamlab.priors.base import Prior, add_to_time_embedding
 from dreamlab.priors.stable_diffusion import PriorLoadError
 from dreamlab.world.catalog import UnknownWordError
 
@@ -279,6 +279,15 @@ class BuiltinPrior(Prior):
     def predict_eps(self, x_t: Tensor, t: Tensor, embeds: Tensor) -> Tensor:
         return unet_eps(self.unet, self.cfg, x_t.to(self.device, self.dtype), t.to(self.device),
                         embeds.to(self.device, self.dtype)).float()
+
+    def predict_eps_with_unet(
+        self, unet, x_t: Tensor, t: Tensor, embeds: Tensor, extra_class_emb: Tensor | None = None
+    ) -> Tensor:
+        """``predict_eps`` through ``unet`` (a trainable copy of ``self.unet``); see ``Prior``.
+        ``extra_class_emb`` is added on top of the pooled-text class embedding, if any."""
+        with add_to_time_embedding(unet, extra_class_emb):
+            return unet_eps(unet, self.cfg, x_t.to(self.device, self.dtype), t.to(self.device),
+                            embeds.to(self.device, self.dtype)).float()
 
 
 def unet_eps(unet, cfg: BuiltinPriorConfig, x_t: Tensor, t: Tensor, hidden: Tensor) -> Tensor:

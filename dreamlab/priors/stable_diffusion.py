@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dreamlab.priors.base import Prior
+from dreamlab.priors.base import Prior, add_to_time_embedding
 
 #: Subfolders a diffusers Stable Diffusion folder must contain (next to model_index.json).
 REQUIRED_SUBFOLDERS: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -224,9 +224,19 @@ class StableDiffusionPrior(Prior):
 
     def predict_eps(self, x_t: Tensor, t: Tensor, embeds: Tensor) -> Tensor:
         """ε̂(x_t; y, t) [B, C, h, w] in fp32 (v-prediction converted: ε = σ_t x_t + α_t v)."""
+        return self._unet_eps(self.unet, x_t, t, embeds)
+
+    def predict_eps_with_unet(
+        self, unet, x_t: Tensor, t: Tensor, embeds: Tensor, extra_class_emb: Tensor | None = None
+    ) -> Tensor:
+        """``predict_eps`` through ``unet`` (a trainable copy of ``self.unet``); see ``Prior``."""
+        with add_to_time_embedding(unet, extra_class_emb):
+            return self._unet_eps(unet, x_t, t, embeds)
+
+    def _unet_eps(self, unet, x_t: Tensor, t: Tensor, embeds: Tensor) -> Tensor:
         assert x_t.shape[0] == t.shape[0] == embeds.shape[0], (x_t.shape, t.shape, embeds.shape)
         t = t.to(self.device).long()
-        out = self.unet(
+        out = unet(
             x_t.to(device=self.device, dtype=self.dtype),
             t,
             encoder_hidden_states=embeds.to(device=self.device, dtype=self.dtype),
