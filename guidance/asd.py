@@ -47,15 +47,18 @@ import torch
 from torch import Tensor
 
 from dreamlab.guidance.common import (
+    GuidanceBase,
     PerpNegWeights,
     TimestepSchedule,
     WEIGHTINGS,
     Weighting,
     alpha_sigma,
     cfg_combine,
+    check_renders,
+    clip_gradient,
+    guidance_output,
     perp_neg_combine,
     sample_noise,
-    surrogate_loss,
     weighting,
 )
 from dreamlab.priors.base import Prior
@@ -178,14 +181,11 @@ class ASDAux:
     neg_weights: Tensor | None = None  # [B, 2] Perp-Neg weights λ·w_i applied (None without Perp-Neg)
 
 
-class ASD:
+class ASD(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``."""
 
     def __init__(self, cfg: ASDConfig, prior: Prior, prompt: PromptConfig) -> None:
-        self.cfg = cfg
-        self.prior = prior
-        self.prompt = prompt
-        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+        super().__init__(cfg, prior, prompt)
         if cfg.perp_neg and self.view_mode == "none":
             raise ValueError('perp_neg needs view-dependent prompts, but the view mode is "none"')
 
@@ -199,9 +199,7 @@ class ASD:
     ) -> GuidanceOutput:
         """ASD loss for renders ``rgb`` [B, H, W, 3] in [0, 1] seen from ``cams``."""
         cfg, prior = self.cfg, self.prior
-        assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
-        batch = rgb.shape[0]
-        assert len(cams) == batch, (len(cams), batch)
+        batch = check_renders(rgb, cams)
         num_t = prior.num_train_timesteps
 
         # 1. Encode the renders into the space the prior denoises (differentiable).
@@ -255,16 +253,11 @@ class ASD:
             # 5. g = w(t)(ε̂ − ε_y(x_{t⁺}, t⁺)), made finite, optionally clamped.
             w = weighting(cfg.weighting, alphas_cumprod, t)
             grad = torch.nan_to_num(w.view(-1, 1, 1, 1) * (eps_pred - eps_plus))
-            if cfg.grad_clip is not None:
-                clip = float(cfg.grad_clip(progress))
-                grad = grad.clamp(-clip, clip)
+            grad = clip_gradient(grad, cfg.grad_clip, progress)
 
         # 6. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
-        loss = cfg.loss_scale * surrogate_loss(latents, grad, batch)
-        return GuidanceOutput(
-            loss=loss,
-            timesteps=t.detach().cpu(),
-            grad_norm=grad.norm(),
+        return guidance_output(
+            latents, grad, batch, t, cfg.loss_scale,
             aux=ASDAux(
                 noise=noise,
                 t_plus=t_plus,

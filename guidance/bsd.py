@@ -53,11 +53,14 @@ import torch
 from torch import Tensor
 
 from dreamlab.guidance.common import (
+    GuidanceBase,
     TimestepSchedule,
     alpha_sigma,
+    check_renders,
+    clip_gradient,
+    guidance_output,
     predict_eps_cfg,
     sample_noise,
-    surrogate_loss,
 )
 from dreamlab.priors.base import Prior
 from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
@@ -187,14 +190,10 @@ class BSDAux:
     grad: Tensor  # [B, C, h, w] g after nan_to_num and clipping (in the flipped frame if flipped)
 
 
-class BSD:
+class BSD(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``."""
 
-    def __init__(self, cfg: BSDConfig, prior: Prior, prompt: PromptConfig) -> None:
-        self.cfg = cfg
-        self.prior = prior
-        self.prompt = prompt
-        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+    cfg: BSDConfig
 
     def __call__(
         self,
@@ -206,9 +205,7 @@ class BSD:
     ) -> GuidanceOutput:
         """BSD loss for renders ``rgb`` [B, H, W, 3] in [0, 1] seen from ``cams``."""
         cfg, prior = self.cfg, self.prior
-        assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
-        batch = rgb.shape[0]
-        assert len(cams) == batch, (len(cams), batch)
+        batch = check_renders(rgb, cams)
         k_c, k_d = cfg.scales()
 
         # 1. Flip augmentation (one coin for the batch, drawn only when flip_prob > 0), then
@@ -253,16 +250,11 @@ class BSD:
             alpha_star = min_norm_coefficient(classifier, denoise)
             a = alpha_star.view(-1, 1, 1, 1)
             grad = torch.nan_to_num(w.view(-1, 1, 1, 1) * (a * classifier + (1.0 - a) * denoise))
-            if cfg.grad_clip is not None:
-                clip = float(cfg.grad_clip(progress))
-                grad = grad.clamp(-clip, clip)
+            grad = clip_gradient(grad, cfg.grad_clip, progress)
 
         # 7. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
-        loss = cfg.loss_scale * surrogate_loss(latents, grad, batch)
-        return GuidanceOutput(
-            loss=loss,
-            timesteps=t.detach().cpu(),
-            grad_norm=grad.norm(),
+        return guidance_output(
+            latents, grad, batch, t, cfg.loss_scale,
             aux=BSDAux(
                 flipped=flipped,
                 noise=noise,

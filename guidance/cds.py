@@ -45,14 +45,17 @@ import torch
 from torch import Tensor
 
 from dreamlab.guidance.common import (
+    GuidanceBase,
     WEIGHTINGS,
     alpha_sigma,
+    check_renders,
+    clip_gradient,
     ddim_step,
+    guidance_output,
     percent_to_step,
     predict_eps_cfg,
     predict_x0,
     sample_noise,
-    surrogate_loss,
     weighting,
 )
 from dreamlab.priors.base import Prior
@@ -223,7 +226,7 @@ class CDSAux:
     grad: Tensor  # [B, C, h, w] g after nan_to_num and clipping
 
 
-class CDS:
+class CDS(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``.
 
     Holds the persistent noise ε* (``self.noise``, [C, h, w] or None before the first step);
@@ -231,10 +234,7 @@ class CDS:
     """
 
     def __init__(self, cfg: CDSConfig, prior: Prior, prompt: PromptConfig) -> None:
-        self.cfg = cfg
-        self.prior = prior
-        self.prompt = prompt
-        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+        super().__init__(cfg, prior, prompt)
         self.noise: Tensor | None = None
 
     def state_dict(self) -> dict:
@@ -267,9 +267,7 @@ class CDS:
     ) -> GuidanceOutput:
         """CDS loss for renders ``rgb`` [B, H, W, 3] in [0, 1] seen from ``cams``."""
         cfg, prior = self.cfg, self.prior
-        assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
-        batch = rgb.shape[0]
-        assert len(cams) == batch, (len(cams), batch)
+        batch = check_renders(rgb, cams)
 
         # 1. Encode the renders into the space the prior denoises (differentiable).
         latents = prior.encode_images(rgb.permute(0, 3, 1, 2))  # [B, C, h, w] fp32
@@ -317,16 +315,11 @@ class CDS:
                 ratio = (sigma_t / alpha_t) / (sigma_n / alpha_n + 1e-9)
                 diff = diff + ratio * (eps_t - eps_ode)
             grad = torch.nan_to_num(w.view(-1, 1, 1, 1) * diff)
-            if cfg.grad_clip is not None:
-                clip = float(cfg.grad_clip(progress))
-                grad = grad.clamp(-clip, clip)
+            grad = clip_gradient(grad, cfg.grad_clip, progress)
 
         # 8. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
-        loss = cfg.loss_scale * surrogate_loss(latents, grad, batch)
-        return GuidanceOutput(
-            loss=loss,
-            timesteps=t.detach().cpu(),
-            grad_norm=grad.norm(),
+        return guidance_output(
+            latents, grad, batch, t, cfg.loss_scale,
             aux=CDSAux(
                 noise=noise,
                 t_next=t_next,

@@ -9,18 +9,27 @@
   trainer passes in, then moved to the device, so a resumed run draws the same numbers.
 * **Surrogate loss.** A hand-made gradient g is applied through
   ``0.5 · Σ (x − stopgrad(x − g))² / B`` whose gradient is exactly ``g / B`` (threestudio).
+* **Shared recipe pieces.** ``GuidanceBase`` (cfg, prior, prompt, view mode), ``check_renders``
+  (the input asserts), ``clip_gradient`` (optional element-wise clamp) and ``guidance_output``
+  (surrogate loss and ``GuidanceOutput``) hold the start and end most methods share.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from dreamlab.schedules import Constant, Schedule
+from dreamlab.types import GuidanceOutput
+
+if TYPE_CHECKING:
+    from dreamlab.priors.base import Prior
+    from dreamlab.prompts import PromptConfig, ViewMode
+    from dreamlab.types import Cameras
 
 Weighting = Literal["sds", "uniform", "fantasia3d"]
 WEIGHTINGS: tuple[str, ...] = ("sds", "uniform", "fantasia3d")
@@ -131,6 +140,44 @@ def surrogate_loss(x: Tensor, grad: Tensor, batch: int) -> Tensor:
     """
     target = (x - grad).detach()
     return 0.5 * ((x - target) ** 2).sum() / batch
+
+
+def check_renders(rgb: Tensor, cams: Cameras) -> int:
+    """Asserts that ``rgb`` is [B, H, W, 3] and that there is one camera per render; returns B."""
+    assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
+    batch = rgb.shape[0]
+    assert len(cams) == batch, (len(cams), batch)
+    return batch
+
+
+def clip_gradient(grad: Tensor, grad_clip: Schedule | None, progress: float) -> Tensor:
+    """``grad`` clamped element-wise to ±grad_clip(progress); unchanged when ``grad_clip`` is None."""
+    if grad_clip is None:
+        return grad
+    clip = float(grad_clip(progress))
+    return grad.clamp(-clip, clip)
+
+
+def guidance_output(
+    latents: Tensor, grad: Tensor, batch: int, t: Tensor, loss_scale: float, aux: Any
+) -> GuidanceOutput:
+    """The method's result: loss ``loss_scale · surrogate_loss(latents, grad, batch)`` (gradient
+    ``loss_scale · grad / batch`` w.r.t. ``latents``), the timesteps ``t`` on the CPU, ‖grad‖ and
+    the method's ``aux``."""
+    loss = loss_scale * surrogate_loss(latents, grad, batch)
+    return GuidanceOutput(loss=loss, timesteps=t.detach().cpu(), grad_norm=grad.norm(), aux=aux)
+
+
+class GuidanceBase:
+    """Holds what every guidance keeps: its config, the prior, the run's prompt settings and the
+    view mode (``cfg.view_dependent``, or the prompt's when that is None). Methods subclass it
+    and add their own state in their ``__init__`` after ``super().__init__``."""
+
+    def __init__(self, cfg: Any, prior: Prior, prompt: PromptConfig) -> None:
+        self.cfg = cfg
+        self.prior = prior
+        self.prompt = prompt
+        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
 
 
 def alpha_sigma(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -51,12 +51,15 @@ import torch
 from torch import Tensor
 
 from dreamlab.guidance.common import (
+    GuidanceBase,
     TimestepSchedule,
     WEIGHTINGS,
     alpha_sigma,
+    check_renders,
+    clip_gradient,
     ddim_step,
+    guidance_output,
     sample_noise,
-    surrogate_loss,
     weighting,
 )
 from dreamlab.priors.base import Prior
@@ -200,14 +203,10 @@ class CSMAux:
     grad: Tensor  # [B, C, h, w] g after nan_to_num, clipping and normalisation
 
 
-class CSM:
+class CSM(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``."""
 
-    def __init__(self, cfg: CSMConfig, prior: Prior, prompt: PromptConfig) -> None:
-        self.cfg = cfg
-        self.prior = prior
-        self.prompt = prompt
-        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+    cfg: CSMConfig
 
     # ------------------------------------------------------------------ overridable parts
 
@@ -277,9 +276,7 @@ class CSM:
     ) -> GuidanceOutput:
         """CSM loss for renders ``rgb`` [B, H, W, 3] in [0, 1] seen from ``cams``."""
         cfg, prior = self.cfg, self.prior
-        assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
-        batch = rgb.shape[0]
-        assert len(cams) == batch, (len(cams), batch)
+        batch = check_renders(rgb, cams)
 
         # 1. Encode the renders into the space the prior denoises (differentiable).
         latents = prior.encode_images(rgb.permute(0, 3, 1, 2))  # [B, C, h, w] fp32
@@ -303,18 +300,13 @@ class CSM:
             # 5. g = w(t) Σ a_k ε_k, made finite, optionally clamped, then globally normalised.
             w = csm_weighting(cfg.weighting, prior.alphas_cumprod, t)
             grad = torch.nan_to_num(w.view(-1, 1, 1, 1) * score)
-            if cfg.grad_clip is not None:
-                clip = float(cfg.grad_clip(progress))
-                grad = grad.clamp(-clip, clip)
+            grad = clip_gradient(grad, cfg.grad_clip, progress)
             if cfg.grad_normalize:
                 grad = grad / (grad.norm() + 1e-8)
 
         # 6. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
-        loss = cfg.loss_scale * surrogate_loss(latents, grad, batch)
-        return GuidanceOutput(
-            loss=loss,
-            timesteps=t.detach().cpu(),
-            grad_norm=grad.norm(),
+        return guidance_output(
+            latents, grad, batch, t, cfg.loss_scale,
             aux=CSMAux(
                 noise=noise,
                 x_t=x_t,

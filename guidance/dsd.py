@@ -44,12 +44,15 @@ from torch import Tensor
 
 from dreamlab.guidance.asd import asynchronous_timesteps
 from dreamlab.guidance.common import (
+    GuidanceBase,
     TimestepSchedule,
     WEIGHTINGS,
     Weighting,
     alpha_sigma,
+    check_renders,
+    clip_gradient,
+    guidance_output,
     sample_noise,
-    surrogate_loss,
     weighting,
 )
 from dreamlab.priors.base import Prior
@@ -146,14 +149,10 @@ class DSDAux:
     grad: Tensor  # [B, C, h, w] g after nan_to_num and clipping
 
 
-class DSD:
+class DSD(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``."""
 
-    def __init__(self, cfg: DSDConfig, prior: Prior, prompt: PromptConfig) -> None:
-        self.cfg = cfg
-        self.prior = prior
-        self.prompt = prompt
-        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+    cfg: DSDConfig
 
     def __call__(
         self,
@@ -165,9 +164,7 @@ class DSD:
     ) -> GuidanceOutput:
         """DSD loss for renders ``rgb`` [B, H, W, 3] in [0, 1] seen from ``cams``."""
         cfg, prior = self.cfg, self.prior
-        assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
-        batch = rgb.shape[0]
-        assert len(cams) == batch, (len(cams), batch)
+        batch = check_renders(rgb, cams)
         num_t = prior.num_train_timesteps
         asynchronous = cfg.variational == "asynchronous"
         lam_cfg, lam_var = float(cfg.cfg_weight(progress)), float(cfg.variational_weight(progress))
@@ -216,16 +213,11 @@ class DSD:
             w = weighting(cfg.weighting, alphas_cumprod, t)
             direction = lam_cfg * (eps_cond - eps_uncond) + lam_var * (eps_cond - eps_var)
             grad = torch.nan_to_num(w.view(-1, 1, 1, 1) * direction)
-            if cfg.grad_clip is not None:
-                clip = float(cfg.grad_clip(progress))
-                grad = grad.clamp(-clip, clip)
+            grad = clip_gradient(grad, cfg.grad_clip, progress)
 
         # 6. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
-        loss = cfg.loss_scale * surrogate_loss(latents, grad, batch)
-        return GuidanceOutput(
-            loss=loss,
-            timesteps=t.detach().cpu(),
-            grad_norm=grad.norm(),
+        return guidance_output(
+            latents, grad, batch, t, cfg.loss_scale,
             aux=DSDAux(
                 noise=noise,
                 t_plus=t_plus,

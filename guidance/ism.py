@@ -52,12 +52,14 @@ import torch
 from torch import Tensor
 
 from dreamlab.guidance.common import (
+    GuidanceBase,
     TimestepSchedule,
     alpha_sigma,
+    check_renders,
     ddim_step,
+    guidance_output,
     predict_eps_cfg,
     sample_noise,
-    surrogate_loss,
 )
 from dreamlab.priors.base import Prior
 from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
@@ -225,16 +227,11 @@ class ISMAux:
 # ------------------------------------------------------------------------------ guidance
 
 
-class ISM:
+class ISM(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``."""
 
     aux_type: type = ISMAux
-
-    def __init__(self, cfg: ISMConfig, prior: Prior, prompt: PromptConfig) -> None:
-        self.cfg = cfg
-        self.prior = prior
-        self.prompt = prompt
-        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+    cfg: ISMConfig
 
     def _inversion_eps(self, null: Tensor, negative: Tensor) -> EpsFn:
         """ε used by the inversion: ε_φ(x; "", τ), or the reverse CFG ε_"" + s_d(ε_neg − ε_"")."""
@@ -264,9 +261,7 @@ class ISM:
     ) -> GuidanceOutput:
         """ISM loss for renders ``rgb`` [B, H, W, 3] in [0, 1] seen from ``cams``."""
         cfg, prior = self.cfg, self.prior
-        assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
-        batch = rgb.shape[0]
-        assert len(cams) == batch, (len(cams), batch)
+        batch = check_renders(rgb, cams)
         num_t = prior.num_train_timesteps
         alphas_cumprod = prior.alphas_cumprod
 
@@ -315,10 +310,9 @@ class ISM:
             grad = torch.nan_to_num(w.view(-1, 1, 1, 1) * (eps_pred - target))
 
         # 9. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
-        loss = cfg.loss_scale * surrogate_loss(latents, grad, batch)
         aux = self.aux_type(
             t=t, s=s, delta_t=delta_t, start=start, flipped=flipped, noise=noise, x_s=x_s, x_t=x_t,
             eps_s=eps_s, target=target, eps_pred=eps_pred, weights=w, grad=grad, **extra,
         )
         timesteps = torch.full((batch,), t, dtype=torch.long)
-        return GuidanceOutput(loss=loss, timesteps=timesteps, grad_norm=grad.norm(), aux=aux)
+        return guidance_output(latents, grad, batch, timesteps, cfg.loss_scale, aux)

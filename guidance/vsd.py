@@ -53,11 +53,13 @@ import torch
 from torch import Tensor
 
 from dreamlab.guidance.common import (
+    GuidanceBase,
     TimestepSchedule,
     WEIGHTINGS,
     Weighting,
     alpha_sigma,
     cfg_combine,
+    check_renders,
     predict_eps_cfg,
     sample_noise,
     surrogate_loss,
@@ -229,7 +231,7 @@ class VSDAux:
     camera_dropped: bool  # whether the LoRA step trained on the zero camera
 
 
-class VSD:
+class VSD(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``.
 
     Owns the trainable parts: ``unet`` (a deep copy of ``prior.unet`` with peft LoRA layers),
@@ -238,10 +240,7 @@ class VSD:
     """
 
     def __init__(self, cfg: LoRAScoreConfig, prior: Prior, prompt: PromptConfig) -> None:
-        self.cfg = cfg
-        self.prior = prior
-        self.prompt = prompt
-        self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+        super().__init__(cfg, prior, prompt)
         base = getattr(prior, "unet", None)
         if base is None or type(prior).predict_eps_with_unet is Prior.predict_eps_with_unet:
             raise ValueError(
@@ -374,9 +373,7 @@ class VSD:
         """VSD loss for renders ``rgb`` [B, H, W, 3] in [0, 1] seen from ``cams``; also takes one
         LoRA step."""
         cfg, prior = self.cfg, self.prior
-        assert rgb.ndim == 4 and rgb.shape[-1] == 3, f"want rgb [B, H, W, 3], got {tuple(rgb.shape)}"
-        batch = rgb.shape[0]
-        assert len(cams) == batch, (len(cams), batch)
+        batch = check_renders(rgb, cams)
 
         # 1. Encode the renders into the space the prior denoises (differentiable).
         latents = prior.encode_images(rgb.permute(0, 3, 1, 2))  # [B, C, h, w] fp32

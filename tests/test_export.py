@@ -479,7 +479,7 @@ def test_decimation_keeps_the_topology():
 
 
 def test_solidify_settings_are_validated():
-    with pytest.raises(ValueError, match="close_cells"):
-        MeshExportConfig(resolution=32, close_cells=9).validate()
+    with pytest.raises(ValueError, match="close_fraction"):
+        MeshExportConfig(close_fraction=0.5).validate()
     with pytest.raises(ValueError, match="smooth_cells"):
         MeshExportConfig(smooth_cells=-1.0).validate()

@@ -60,11 +60,12 @@ class MeshExportConfig:
     closing seals the small tunnels a score-distilled density leaves between splats, enclosed
     cavities are filled, and the surface is taken at the 0.5 level of the lightly blurred solid.
     Without it a Gaussian asset's mesh is spongy (a cube comes out with genus ~9 instead of 0).
-    Through-holes wider than about ``2 x close_cells`` cells (a torus's hole, a mug's handle)
+    Through-holes wider than about twice the closing radius (a torus's hole, a mug's handle)
     are kept."""
-    close_cells: int = 3
-    """With ``solidify``: radius in grid cells of the ball used by the morphological closing (3 at
-    the default 128 cells is ~2.5% of the object's size: a cube from SDS kept one tunnel at 2)."""
+    close_fraction: float = 0.025
+    """With ``solidify``: radius of the ball used by the morphological closing, as a fraction of
+    the sampled grid's side (rounded to whole cells, at least 1): 3 cells at the default 128 (a
+    cube from SDS kept one tunnel at 2 cells), 2 at 64, so coarse grids do not close real holes."""
     smooth_cells: float = 1.0
     """With ``solidify``: standard deviation in grid cells of the Gaussian blur of the solid (0: none;
     the surface then follows the voxel faces)."""
@@ -104,10 +105,8 @@ class MeshExportConfig:
             raise ValueError(
                 f"min_component_fraction must lie in [0, 1], got {self.min_component_fraction}"
             )
-        if self.close_cells < 0 or self.close_cells > self.resolution // 4:
-            raise ValueError(
-                f"mesh close_cells must lie in [0, resolution/4 = {self.resolution // 4}], got {self.close_cells}"
-            )
+        if not (math.isfinite(self.close_fraction) and 0.0 <= self.close_fraction <= 0.1):
+            raise ValueError(f"mesh close_fraction must lie in [0, 0.1], got {self.close_fraction}")
         if not (math.isfinite(self.smooth_cells) and 0.0 <= self.smooth_cells <= 8.0):
             raise ValueError(f"mesh smooth_cells must lie in [0, 8], got {self.smooth_cells}")
         if self.faces < 4:
@@ -433,7 +432,8 @@ def extract_mesh(
         raise _empty_error(float(values.max()), threshold, lo, hi)
 
     if cfg.solidify:
-        mesh = _marching_cubes(solidify_occupancy(values, threshold, cfg.close_cells, cfg.smooth_cells), 0.5, lo, hi)
+        close_cells = max(1, round(cfg.close_fraction * (cfg.resolution - 1))) if cfg.close_fraction > 0 else 0
+        mesh = _marching_cubes(solidify_occupancy(values, threshold, close_cells, cfg.smooth_cells), 0.5, lo, hi)
     else:
         mesh = _marching_cubes(values, threshold, lo, hi)
     mesh = _clean(mesh)
