@@ -258,15 +258,19 @@ class VSD(GuidanceBase):
         with torch.random.fork_rng(devices=[]):  # LoRA and MLP are initialised on the CPU
             torch.manual_seed(cfg.init_seed)
             unet = copy.deepcopy(base).requires_grad_(False).eval()
-            unet.add_adapter(
-                LoraConfig(
-                    r=cfg.lora_rank,
-                    lora_alpha=cfg.lora_rank,
-                    target_modules=list(cfg.lora_target_modules),
-                    init_lora_weights="gaussian",
-                    lora_dropout=0.0,
-                )
+            lora_config = LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_rank,
+                target_modules=list(cfg.lora_target_modules),
+                init_lora_weights="gaussian",
+                lora_dropout=0.0,
             )
+            try:
+                unet.add_adapter(lora_config)
+            except ValueError as err:  # peft's NoMatchingPeftModuleError is a ValueError
+                raise ValueError(
+                    f"lora_target_modules {cfg.lora_target_modules} matched no layer of the U-Net ({err})"
+                ) from None
             camera_mlp = None
             if cfg.camera_condition == "extrinsics":
                 camera_mlp = TimestepEmbedding(CAMERA_DIM, time_dim).to(device)

@@ -540,3 +540,8 @@ def test_defaults_and_validate():
     ESDConfig(entropy_weight=Constant(0.0), camera_dropout=0.0).validate()  # = VSD without dropout
     with pytest.raises(ValueError):
         VSDConfig(num_particles=2).build(None)  # build validates first
+
+
+def test_lora_targets_that_match_nothing_are_a_clear_error(builtin_prior):
+    with pytest.raises(ValueError, match="matched no layer of the U-Net"):
+        VSDConfig(lora_target_modules=("no_such_layer",)).build(builtin_prior)
