@@ -308,3 +308,27 @@ def perp_neg_combine(
         w_i = neg_weights[:, i].to(e_pos).view(-1, *[1] * (e_pos.ndim - 1))
         accum = accum + w_i * perpendicular_component(eps_negs[:, i] - eps_uncond, e_pos)
     return eps_uncond + scale * (e_pos + accum)
+
+
+def validate_common_fields(cfg) -> None:
+    """The checks every SDS-like config shares: ``weighting``, ``view_dependent``, ``loss_scale``,
+    a non-empty ``timesteps`` range and a positive ``grad_clip`` at progress 0, 0.5 and 1, and
+    (when the config has them) the Perp-Neg fields. Raises ValueError with a one-line message."""
+    from dreamlab.prompts import VIEW_MODES
+
+    if cfg.weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
+    if cfg.view_dependent is not None and cfg.view_dependent not in VIEW_MODES:
+        raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {cfg.view_dependent!r}")
+    if not math.isfinite(cfg.loss_scale):
+        raise ValueError(f"loss_scale must be finite, got {cfg.loss_scale}")
+    if hasattr(cfg, "perp_neg"):
+        if not math.isfinite(cfg.perp_neg_scale):
+            raise ValueError(f"perp_neg_scale must be finite, got {cfg.perp_neg_scale}")
+        if cfg.perp_neg and cfg.view_dependent == "none":
+            raise ValueError('perp_neg needs view-dependent prompts: view_dependent cannot be "none"')
+        cfg.perp_neg_weights.validate()
+    for progress in (0.0, 0.5, 1.0):
+        cfg.timesteps.bounds(progress, 1000)  # raises if the range is empty
+        if cfg.grad_clip is not None and not cfg.grad_clip(progress) > 0.0:
+            raise ValueError(f"grad_clip must stay > 0, got {cfg.grad_clip(progress)} at progress {progress}")

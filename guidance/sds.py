@@ -35,7 +35,6 @@ does not reproduce that. Reference: threestudio ``compute_grad_sds`` (Perp-Neg b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +44,6 @@ from dreamlab.guidance.common import (
     GuidanceBase,
     PerpNegWeights,
     TimestepSchedule,
-    WEIGHTINGS,
     Weighting,
     alpha_sigma,
     cfg_combine,
@@ -54,10 +52,11 @@ from dreamlab.guidance.common import (
     guidance_output,
     perp_neg_combine,
     sample_noise,
+    validate_common_fields,
     weighting,
 )
 from dreamlab.priors.base import Prior
-from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
+from dreamlab.prompts import PromptConfig, ViewMode
 from dreamlab.schedules import Schedule
 from dreamlab.types import Cameras, GuidanceOutput, PromptEmbeds
 
@@ -98,21 +97,7 @@ class SDSConfig:
         """Raises ValueError with a one-line message for impossible settings."""
         if not self.guidance_scale >= 0.0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.view_dependent is not None and self.view_dependent not in VIEW_MODES:
-            raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
-        if not math.isfinite(self.loss_scale):
-            raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
-        if not math.isfinite(self.perp_neg_scale):
-            raise ValueError(f"perp_neg_scale must be finite, got {self.perp_neg_scale}")
-        if self.perp_neg and self.view_dependent == "none":
-            raise ValueError('perp_neg needs view-dependent prompts: view_dependent cannot be "none"')
-        self.perp_neg_weights.validate()
-        for progress in (0.0, 0.5, 1.0):
-            self.timesteps.bounds(progress, 1000)  # raises if the range is empty
-            if self.grad_clip is not None and not self.grad_clip(progress) > 0.0:
-                raise ValueError(f"grad_clip must stay > 0, got {self.grad_clip(progress)} at progress {progress}")
+        validate_common_fields(self)
 
     def build(self, prior: Prior, prompt: PromptConfig | None = None) -> SDS:
         """The guidance object for ``prior``; ``prompt`` supplies view thresholds / default mode."""
