@@ -234,7 +234,9 @@ def generate(args: GenerateArgs) -> int:
         if code != 0:
             return code
         started = time.perf_counter()
-        written = export_asset(trainer.renderer, run_dir, cfg.export, formats=args.formats)
+        written = list(export_asset(trainer.renderer, run_dir, cfg.export, formats=args.formats))
+        for k, particle in enumerate(trainer.renderers[1:], start=1):  # VSD/ESD num_particles > 1
+            written += export_asset(particle, run_dir / f"particle_{k}", cfg.export, formats=args.formats)
         log.info("export took %.1f s", time.perf_counter() - started)
         for path in written:
             _say(f"  wrote {path}")

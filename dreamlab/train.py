@@ -4,6 +4,16 @@ One step: sample cameras and backgrounds -> render -> guidance loss (+ renderer 
 -> backward -> non-finite guard -> densify/prune hook -> Adam step with scheduled learning rates.
 All randomness comes from one seeded CPU ``torch.Generator`` whose state is checkpointed, so a
 run resumed from a checkpoint continues bit-exactly. Cancelling is simply to stop iterating.
+
+Particles (VSD/ESD ``num_particles`` N > 1, ProlificDreamer's ``--n_particles``): the trainer
+holds N independent 3D models, each initialised from the same generator in turn. Every step
+each particle draws its own cameras and backgrounds and is rendered; the guidance is called
+ONCE on all N·V renders, so the shared LoRA trains on every particle's renders; the guidance
+loss (a mean over the N·V views) is multiplied by N, so each particle's renders get exactly the
+gradient of a one-particle run, loss_scale · g / V. Regularisers and densification act per
+particle; one Adam holds every particle's parameter groups (per-parameter state, so it is N
+independent Adams). ``renderer`` is particle 0 (what previews, benchmarks and single-asset
+exports use). With N = 1 everything is as before, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from dreamlab.priors.base import Prior
 from dreamlab.prompts import build_prompt_embeds
 from dreamlab.renderers.base import Renderer
 from dreamlab.renderers.gaussians.model import GaussianConfig, GaussianRenderer
-from dreamlab.types import StepReport
+from dreamlab.types import Cameras, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +70,38 @@ def build_renderer(cfg: RunConfig, generator: torch.Generator, device: torch.dev
     raise TypeError(f"unknown renderer config {type(cfg.renderer).__name__}")
 
 
-def build_optimizer(renderer: Renderer, cfg: RunConfig) -> torch.optim.Adam:
+def num_particles(cfg: RunConfig) -> int:
+    """How many 3D models the run trains: the guidance's ``num_particles`` (VSD, ESD), else 1."""
+    return int(getattr(cfg.guidance, "num_particles", 1))
+
+
+def build_optimizer(renderer: Renderer | list[Renderer], cfg: RunConfig) -> torch.optim.Adam:
+    """One Adam over the parameter groups of ``renderer`` (or of every particle, in order; their
+    groups share names and learning-rate schedules)."""
+    renderers = renderer if isinstance(renderer, list) else [renderer]
     groups = [
         {"params": group.params, "lr": group.lr(0.0), "name": group.name}
-        for group in renderer.param_groups()
+        for r in renderers
+        for group in r.param_groups()
     ]
     return torch.optim.Adam(groups, betas=cfg.train.adam_betas, eps=cfg.train.adam_eps)
+
+
+def cat_cameras(cams: list[Cameras]) -> Cameras:
+    """The cameras of ``cams`` (all of one image size) as one batch, in order."""
+    if len(cams) == 1:
+        return cams[0]
+    first = cams[0]
+    assert all((c.width, c.height) == (first.width, first.height) for c in cams), "one image size"
+    return Cameras(
+        torch.cat([c.c2w for c in cams]),
+        torch.cat([c.fov_y for c in cams]),
+        first.width,
+        first.height,
+        torch.cat([c.elevation_deg for c in cams]),
+        torch.cat([c.azimuth_deg for c in cams]),
+        torch.cat([c.distance for c in cams]),
+    )
 
 
 def _progress(step: int, total: int) -> float:
@@ -74,9 +110,11 @@ def _progress(step: int, total: int) -> float:
 
 
 class Trainer:
-    """Owns the prior, the representation, the guidance and the optimiser of one run.
+    """Owns the prior, the representation(s), the guidance and the optimiser of one run.
 
-    Iterate it to train; each iteration takes one step and yields its StepReport.
+    Iterate it to train; each iteration takes one step and yields its StepReport. ``renderers``
+    holds the N particles (one unless the guidance asks for more, see the module docstring);
+    ``renderer`` is the first.
     """
 
     def __init__(
@@ -93,15 +131,22 @@ class Trainer:
             prior = load_prior(cfg.prior, device=self.device, dtype=prior_dtype(cfg, self.device))
         self.prior = prior
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
-        self.renderer = build_renderer(cfg, self.generator, self.device)
+        self.renderers = [
+            build_renderer(cfg, self.generator, self.device) for _ in range(num_particles(cfg))
+        ]
         self.guidance = cfg.guidance.build(prior, cfg.prompt_processing)
         self.embeds = build_prompt_embeds(
             prior, cfg.prompt.strip(), cfg.prompt_processing.negative_prompt
         )
-        self.optimizer = build_optimizer(self.renderer, cfg)
+        self.optimizer = build_optimizer(self.renderers, cfg)
         self.step = 0
-        self._schedules = {g.name: g.lr for g in self.renderer.param_groups()}
+        self._schedules = {g.name: g.lr for r in self.renderers for g in r.param_groups()}
         self._preview_cams = evaluation_orbit(cfg.train.preview_resolution, num_azimuths=1)
+
+    @property
+    def renderer(self) -> Renderer:
+        """The (first) particle: the run's model for previews, benchmarks and the main export."""
+        return self.renderers[0]
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -121,6 +166,8 @@ class Trainer:
             "generator": self.generator.get_state(),
             "guidance": self.guidance_state(),
         }
+        if len(self.renderers) > 1:  # particles 1..N-1 (particle 0 is "renderer", as ever)
+            state["particles"] = [r.checkpoint_state() for r in self.renderers[1:]]
         path = self.checkpoint_dir() / f"step_{self.step:07d}.pt"
         save_checkpoint(state, path)
         prune_checkpoints(self.checkpoint_dir(), keep=self.cfg.train.keep_checkpoints)
@@ -147,8 +194,15 @@ class Trainer:
                 f"{path} was written by a run with different settings (prompt, seed, steps, "
                 "guidance or renderer); resume with the same settings, or use another --out"
             )
+        extra = state.get("particles", [])
+        if len(extra) != len(self.renderers) - 1:
+            raise CheckpointError(
+                f"{path} holds {len(extra) + 1} particle(s), this run has {len(self.renderers)}"
+            )
         self.renderer.load_checkpoint_state(state["renderer"])
-        self.optimizer = build_optimizer(self.renderer, self.cfg)
+        for renderer, particle_state in zip(self.renderers[1:], extra):
+            renderer.load_checkpoint_state(particle_state)
+        self.optimizer = build_optimizer(self.renderers, self.cfg)
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         setter = getattr(self.guidance, "load_state_dict", None)
@@ -191,13 +245,24 @@ class Trainer:
         started = time.perf_counter()
         progress = _progress(self.step, total)
         resolution = int(cfg.train.resolution(progress))
-        cams = sample_orbit_cameras(cfg.train.cameras, resolution, self.generator).to(self.device)
-        background = self._backgrounds(len(cams))
+        particles = len(self.renderers)
+        views = []  # per particle: its cameras and backgrounds, drawn in particle order
+        for _ in range(particles):
+            cams = sample_orbit_cameras(cfg.train.cameras, resolution, self.generator).to(self.device)
+            views.append((cams, self._backgrounds(len(cams))))
 
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.renderer.render(cams, background)
-        guided = self.guidance(out.rgb, cams, self.embeds, progress, self.generator)
-        loss = guided.loss + self.renderer.regularizers(out, progress)
+        outs = [r.render(cams, background) for r, (cams, background) in zip(self.renderers, views)]
+        if particles == 1:
+            rgb, cams = outs[0].rgb, views[0][0]
+        else:  # one guidance call on every particle's renders (the shared LoRA sees them all)
+            rgb, cams = torch.cat([o.rgb for o in outs]), cat_cameras([c for c, _ in views])
+        guided = self.guidance(rgb, cams, self.embeds, progress, self.generator)
+        # The guidance loss is a mean over all N·V views: × N gives each particle's renders the
+        # gradient of a one-particle run.
+        loss = guided.loss if particles == 1 else particles * guided.loss
+        for renderer, out in zip(self.renderers, outs):
+            loss = loss + renderer.regularizers(out, progress)
 
         message = None
         skipped = not bool(torch.isfinite(loss))
@@ -209,7 +274,8 @@ class Trainer:
             log.warning(message)
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            self.renderer.after_backward(out, self.step, progress, self.optimizer)
+            for renderer, out in zip(self.renderers, outs):
+                renderer.after_backward(out, self.step, progress, self.optimizer)
             self._set_learning_rates(progress)
             snapshot = [p.detach().clone() for g in self.optimizer.param_groups for p in g["params"]]
             self.optimizer.step()
@@ -228,7 +294,7 @@ class Trainer:
             total_steps=total,
             loss=float(loss.detach()) if math.isfinite(float(loss.detach())) else float("nan"),
             skipped=skipped,
-            num_gaussians=self.renderer.size,
+            num_gaussians=sum(r.size for r in self.renderers),
             resolution=resolution,
             seconds=time.perf_counter() - started,
             timesteps=[int(t) for t in guided.timesteps.flatten().tolist()],
@@ -244,6 +310,7 @@ class Trainer:
 
     @torch.no_grad()
     def preview(self) -> torch.Tensor:  # [H, W, 3]
+        """Front view of particle 0 on white."""
         bg = torch.ones(1, 3, device=self.device)
         return self.renderer.render(self._preview_cams.to(self.device), bg).rgb[0].cpu()
 

@@ -52,11 +52,11 @@ from dreamlab.guidance.common import (
     TimestepSchedule,
     Weighting,
     alpha_sigma,
-    cfg_combine,
     check_renders,
     clip_gradient,
+    combine_guided_eps,
+    guided_eps_batch,
     guidance_output,
-    perp_neg_combine,
     sample_noise,
     validate_common_fields,
     weighting,
@@ -170,11 +170,6 @@ class ASDAux:
 class ASD(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``."""
 
-    def __init__(self, cfg: ASDConfig, prior: Prior, prompt: PromptConfig) -> None:
-        super().__init__(cfg, prior, prompt)
-        if cfg.perp_neg and self.view_mode == "none":
-            raise ValueError('perp_neg needs view-dependent prompts, but the view mode is "none"')
-
     def __call__(
         self,
         rgb: Tensor,
@@ -202,16 +197,7 @@ class ASD(GuidanceBase):
 
         # 3. Per-view text embeddings: cond = prompt with view words, uncond = negative prompt;
         #    with Perp-Neg: cond = interpolated positive, plus 2 weighted negatives per view.
-        neg_weights, negs = None, []
-        if cfg.perp_neg:
-            cond, uncond, neg_stack, neg_weights = self.prompt.perp_neg_embeds_for_cameras(
-                embeds, cams, cfg.perp_neg_weights
-            )
-            neg_weights = cfg.perp_neg_scale * neg_weights.to(prior.device)
-            negs = [n.to(prior.device) for n in neg_stack.unbind(1)]
-        else:
-            cond, uncond = self.prompt.embeds_for_cameras(embeds, cams, self.view_mode)
-        cond, uncond = cond.to(prior.device), uncond.to(prior.device)
+        text = self.text_conditioning(embeds, cams)
 
         # 4. Noise the latents at t and t⁺ with the same ε; one batched U-Net call, no gradient.
         alphas_cumprod = prior.alphas_cumprod
@@ -222,19 +208,12 @@ class ASD(GuidanceBase):
             x_t = alpha * x + sigma * noise
             x_plus = alpha_plus * x + sigma_plus * noise
             # Blocks of B: [y; ∅; (Perp-Neg: 1st negatives; 2nd negatives;) y at t⁺].
-            k = len(negs)
+            x_in, t_in, emb = guided_eps_batch(x_t, t, text)
             eps = prior.predict_eps(
-                torch.cat([x_t] * (2 + k) + [x_plus]),
-                torch.cat([t] * (2 + k) + [t_plus]),
-                torch.cat([cond, uncond, *negs, cond]),
+                torch.cat([x_in, x_plus]), torch.cat([t_in, t_plus]), torch.cat([emb, text.cond])
             )
-            eps_cond, eps_uncond, *eps_negs, eps_plus = eps.chunk(3 + k)
-            if neg_weights is None:
-                eps_pred = cfg_combine(eps_uncond, eps_cond, cfg.guidance_scale)
-            else:
-                eps_pred = perp_neg_combine(
-                    eps_uncond, eps_cond, torch.stack(eps_negs, dim=1), neg_weights, cfg.guidance_scale
-                )
+            eps_pred = combine_guided_eps(eps[:-batch], text, cfg.guidance_scale)[0]
+            eps_plus = eps[-batch:]
 
             # 5. g = w(t)(ε̂ − ε_y(x_{t⁺}, t⁺)), made finite, optionally clamped.
             w = weighting(cfg.weighting, alphas_cumprod, t)
@@ -251,6 +230,6 @@ class ASD(GuidanceBase):
                 eps_plus=eps_plus,
                 weights=w,
                 grad=grad,
-                neg_weights=neg_weights,
+                neg_weights=text.neg_weights,
             ),
         )

@@ -12,13 +12,19 @@
 * **Shared recipe pieces.** ``GuidanceBase`` (cfg, prior, prompt, view mode), ``check_renders``
   (the input asserts), ``clip_gradient`` (optional element-wise clamp) and ``guidance_output``
   (surrogate loss and ``GuidanceOutput``) hold the start and end most methods share.
+* **CFG and Perp-Neg predictions.** ``GuidanceBase.text_conditioning`` gives a call's per-view
+  embeddings (the view prompt, or with a config's ``perp_neg`` the Perp-Neg positive, negatives
+  and weights, threestudio's ``PerpNegWeights`` or LucidDreamer's ``LucidPerpNegWeights``);
+  ``predict_eps_guided`` (or ``guided_eps_batch`` + ``combine_guided_eps`` when a method adds
+  rows to the same U-Net call) turns it into ε̂; ``perp_neg_residual`` is the bare negative term
+  (CSM adds it to its classifier score). SDS, ASD, ISM/TSM and CSM share them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -29,7 +35,7 @@ from dreamlab.types import GuidanceOutput
 if TYPE_CHECKING:
     from dreamlab.priors.base import Prior
     from dreamlab.prompts import PromptConfig, ViewMode
-    from dreamlab.types import Cameras
+    from dreamlab.types import Cameras, PromptEmbeds
 
 Weighting = Literal["sds", "uniform", "fantasia3d"]
 WEIGHTINGS: tuple[str, ...] = ("sds", "uniform", "fantasia3d")
@@ -178,6 +184,37 @@ class GuidanceBase:
         self.prior = prior
         self.prompt = prompt
         self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
+        if getattr(cfg, "perp_neg", False) and self.view_mode == "none":
+            raise ValueError('perp_neg needs view-dependent prompts, but the view mode is "none"')
+
+    def text_conditioning(self, embeds: PromptEmbeds, cams: Cameras) -> TextConditioning:
+        """The per-view text embeddings of this call (see ``TextConditioning``).
+
+        Without Perp-Neg (no ``perp_neg`` field, or False): cond = the prompt with this
+        guidance's view words, uncond = the negative prompt. With Perp-Neg: cond = the
+        azimuth-interpolated positive, two negatives per view and their weights
+        ``cfg.perp_neg_scale · w_i`` from ``cfg.perp_neg_weights`` (threestudio's
+        ``PerpNegWeights``, whose overhead views use E(overhead) and weight 0, or LucidDreamer's
+        ``LucidPerpNegWeights``, which has no overhead view), on the prior's device.
+        """
+        from dreamlab.prompts import perp_neg_embeds_for_cameras
+
+        device = self.prior.device
+        cfg = self.cfg
+        if not getattr(cfg, "perp_neg", False):
+            cond, uncond = self.prompt.embeds_for_cameras(embeds, cams, self.view_mode)
+            return TextConditioning(cond.to(device), uncond.to(device))
+        weights = cfg.perp_neg_weights
+        threshold = self.prompt.overhead_threshold if weights.overhead_view else math.inf
+        cond, uncond, negs, neg_weights = perp_neg_embeds_for_cameras(
+            embeds, cams, weights, overhead_threshold=threshold
+        )
+        return TextConditioning(
+            cond.to(device),
+            uncond.to(device),
+            negs.to(device),
+            float(cfg.perp_neg_scale) * neg_weights.to(device),
+        )
 
 
 def alpha_sigma(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -257,6 +294,10 @@ class PerpNegWeights:
     f_sf: DecayTriple = (4.0, 0.5, -2.426)
     """Side-negative weight on the front↔side half, of 1 − r (threestudio ``perp_neg_f_sf``)."""
 
+    overhead_view: ClassVar[bool] = True
+    """threestudio has an overhead view: above the prompt's overhead threshold the positive is
+    E(overhead) and both weights are 0."""
+
     def validate(self) -> None:
         """Raises ValueError unless every function is three finite numbers."""
         for name in ("f_sb", "f_fsb", "f_fs", "f_sf"):
@@ -279,12 +320,85 @@ class PerpNegWeights:
         return torch.where(front_half.unsqueeze(-1), front, back)
 
 
+@dataclass(frozen=True)
+class LucidPerpNegWeights:
+    """LucidDreamer's Perp-Neg weights (spec §1.2 "LucidDreamer variant"; LucidDreamer
+    ``train.py:get_pos_neg_text_embeddings`` with ``GuidanceParams`` ``negative_w``,
+    ``front_decay_factor``, ``side_decay_factor``).
+
+    r is as for ``PerpNegWeights`` (1 − |φ|/90 on the front half, 2 − |φ|/90 on the back half)
+    and the negatives are the same views, with n = ``negative_w``:
+
+    * front half, negatives [front, side]: ``[n·exp(−front_decay·r)`` (0 if r > 0.8),
+      ``n·exp(−side_decay·(1 − r))`` (0 if r < 0.2)``]``;
+    * back half, negatives [side, front]: ``[n·exp(−side_decay·r)/2`` (0 if r > 0.8), ``n]``.
+
+    LucidDreamer has no overhead view (``overhead_view`` False): every camera gets the
+    interpolated positive. At |φ| = 90° both halves give the same weighted negatives (front n,
+    side 0), so the half that φ = −90° belongs to does not matter.
+    """
+
+    negative_w: float = -2.0
+    """n, the weight of a fully active negative (LucidDreamer ``negative_w`` −2)."""
+    front_decay: float = 2.0
+    """Decay rate of the front negative on the front half (LucidDreamer ``front_decay_factor`` 2)."""
+    side_decay: float = 10.0
+    """Decay rate of the side negative (LucidDreamer ``side_decay_factor`` 10)."""
+
+    overhead_view: ClassVar[bool] = False
+    """LucidDreamer has no overhead view: the positive is always the interpolated embedding."""
+
+    def validate(self) -> None:
+        """Raises ValueError unless every field is a finite number."""
+        for name in ("negative_w", "front_decay", "side_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"perp-neg {name} must be a finite number, got {value!r}")
+
+    def negative_weights(self, r: Tensor, front_half: Tensor) -> Tensor:
+        """Weights [B, 2] of the two negatives of each camera (same arguments as
+        ``PerpNegWeights.negative_weights``)."""
+        r = r.float()
+        n = float(self.negative_w)
+        zero = torch.zeros_like(r)
+        front = torch.stack(
+            [
+                torch.where(r > 0.8, zero, n * torch.exp(-self.front_decay * r)),
+                torch.where(r < 0.2, zero, n * torch.exp(-self.side_decay * (1.0 - r))),
+            ],
+            dim=-1,
+        )
+        back = torch.stack(
+            [torch.where(r > 0.8, zero, n * torch.exp(-self.side_decay * r) / 2.0), torch.full_like(r, n)],
+            dim=-1,
+        )
+        return torch.where(front_half.unsqueeze(-1), front, back)
+
+
 def perpendicular_component(x: Tensor, y: Tensor) -> Tensor:
     """Part of ``x`` orthogonal to ``y``, per sample over all non-batch dims [B, ...]:
     x − (⟨x, y⟩ / max(‖y‖², 1e−6)) y (threestudio ``perpendicular_component``)."""
     dims = tuple(range(1, x.ndim))
     coeff = (x * y).sum(dim=dims) / (y * y).sum(dim=dims).clamp(min=1e-6)
     return x - coeff.view(-1, *[1] * (x.ndim - 1)) * y
+
+
+def perp_neg_residual(eps_uncond: Tensor, eps_pos: Tensor, eps_negs: Tensor, neg_weights: Tensor) -> Tensor:
+    """Perp-Neg's negative term Σ_i w_i perp(e_i, e_pos), with e_pos = ε_pos − ε_∅ and
+    e_i = ε_neg_i − ε_∅ (spec §1.2; the same in threestudio, LucidDreamer and CSD).
+
+    Args:
+        eps_uncond, eps_pos: [B, C, h, w] predictions with the negative prompt (∅) and the
+            Perp-Neg positive embedding.
+        eps_negs: [B, K, C, h, w] predictions with the K negative embeddings of each sample.
+        neg_weights: [B, K] weights w_i (≤ 0 for the shipped weight functions).
+    """
+    e_pos = eps_pos - eps_uncond
+    accum = torch.zeros_like(e_pos)
+    for i in range(eps_negs.shape[1]):
+        w_i = neg_weights[:, i].to(e_pos).view(-1, *[1] * (e_pos.ndim - 1))
+        accum = accum + w_i * perpendicular_component(eps_negs[:, i] - eps_uncond, e_pos)
+    return accum
 
 
 def perp_neg_combine(
@@ -295,19 +409,73 @@ def perp_neg_combine(
         e_pos = ε_pos − ε_∅,  e_i = ε_neg_i − ε_∅
         ε̂ = ε_∅ + s (e_pos + Σ_i w_i perp(e_i, e_pos))
 
-    Args:
-        eps_uncond, eps_pos: [B, C, h, w] predictions with the negative prompt (∅) and the
-            Perp-Neg positive embedding.
-        eps_negs: [B, K, C, h, w] predictions with the K negative embeddings of each sample.
-        neg_weights: [B, K] weights w_i (≤ 0 with threestudio's defaults; 0 for overhead).
-        scale: CFG scale s.
+    Arguments as ``perp_neg_residual``, plus the CFG scale s.
     """
     e_pos = eps_pos - eps_uncond
-    accum = torch.zeros_like(e_pos)
-    for i in range(eps_negs.shape[1]):
-        w_i = neg_weights[:, i].to(e_pos).view(-1, *[1] * (e_pos.ndim - 1))
-        accum = accum + w_i * perpendicular_component(eps_negs[:, i] - eps_uncond, e_pos)
-    return eps_uncond + scale * (e_pos + accum)
+    return eps_uncond + scale * (e_pos + perp_neg_residual(eps_uncond, eps_pos, eps_negs, neg_weights))
+
+
+@dataclass
+class TextConditioning:
+    """Per-view text embeddings of one guidance call (``GuidanceBase.text_conditioning``).
+
+    Without Perp-Neg ``negs`` and ``neg_weights`` are None and the predicted ε̂ is plain CFG;
+    with Perp-Neg ``cond`` is the Perp-Neg positive and ε̂ is ``perp_neg_combine``.
+    """
+
+    cond: Tensor  # [B, L, D] conditional: the prompt with view words, or the Perp-Neg positive
+    uncond: Tensor  # [B, L, D] the negative prompt (CFG's unconditional branch)
+    negs: Tensor | None = None  # [B, K, L, D] Perp-Neg negatives of each view
+    neg_weights: Tensor | None = None  # [B, K] their weights, perp_neg_scale already applied
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of B rows in the batched prediction: cond, uncond and the K negatives."""
+        return 2 + (0 if self.negs is None else self.negs.shape[1])
+
+    def embeddings(self) -> Tensor:
+        """[num_blocks · B, L, D]: blocks [cond; uncond; 1st negatives; …; K-th negatives]."""
+        negs = [] if self.negs is None else list(self.negs.unbind(1))
+        return torch.cat([self.cond, self.uncond, *negs])
+
+
+def guided_eps_batch(x_t: Tensor, t: Tensor, text: TextConditioning) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs (x, t, embeds) of ONE batched ``predict_eps`` call evaluating ``text``'s blocks,
+    each view at its own x_t [B, C, h, w] and t [B] (threestudio interleaves the Perp-Neg
+    negatives per view but repeats x_t in blocks, its issue #456; dreamlab does not)."""
+    blocks = text.num_blocks
+    return x_t.repeat(blocks, 1, 1, 1), t.repeat(blocks), text.embeddings()
+
+
+def combine_guided_eps(eps: Tensor, text: TextConditioning, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(ε̂, ε_cond, ε_∅) from the output ``eps`` of the ``guided_eps_batch`` call: CFG
+    convention A, ε̂ = ε_∅ + s (ε_cond − ε_∅), or Perp-Neg (``perp_neg_combine``)."""
+    eps_cond, eps_uncond, *eps_negs = eps.chunk(text.num_blocks)
+    if text.negs is None:
+        return cfg_combine(eps_uncond, eps_cond, scale), eps_cond, eps_uncond
+    eps_pred = perp_neg_combine(eps_uncond, eps_cond, torch.stack(eps_negs, dim=1), text.neg_weights, scale)
+    return eps_pred, eps_cond, eps_uncond
+
+
+def predict_eps_guided(
+    prior, x_t: Tensor, t: Tensor, text: TextConditioning, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(ε̂, ε_cond, ε_∅) at (x_t, t) for ``text``, CFG or Perp-Neg, in one batched
+    ``predict_eps`` call. No gradient is tracked: call it inside ``torch.no_grad()``."""
+    x, tt, emb = guided_eps_batch(x_t, t, text)
+    return combine_guided_eps(prior.predict_eps(x, tt, emb.to(prior.device)), text, scale)
+
+
+def validate_perp_neg_fields(cfg) -> None:
+    """Checks of the Perp-Neg fields (``perp_neg``, ``perp_neg_scale``, ``perp_neg_weights``) a
+    config has; nothing when it has none. Raises ValueError with a one-line message."""
+    if not hasattr(cfg, "perp_neg"):
+        return
+    if not math.isfinite(cfg.perp_neg_scale):
+        raise ValueError(f"perp_neg_scale must be finite, got {cfg.perp_neg_scale}")
+    if cfg.perp_neg and cfg.view_dependent == "none":
+        raise ValueError('perp_neg needs view-dependent prompts: view_dependent cannot be "none"')
+    cfg.perp_neg_weights.validate()
 
 
 def validate_common_fields(cfg) -> None:
@@ -322,12 +490,7 @@ def validate_common_fields(cfg) -> None:
         raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {cfg.view_dependent!r}")
     if not math.isfinite(cfg.loss_scale):
         raise ValueError(f"loss_scale must be finite, got {cfg.loss_scale}")
-    if hasattr(cfg, "perp_neg"):
-        if not math.isfinite(cfg.perp_neg_scale):
-            raise ValueError(f"perp_neg_scale must be finite, got {cfg.perp_neg_scale}")
-        if cfg.perp_neg and cfg.view_dependent == "none":
-            raise ValueError('perp_neg needs view-dependent prompts: view_dependent cannot be "none"')
-        cfg.perp_neg_weights.validate()
+    validate_perp_neg_fields(cfg)
     for progress in (0.0, 0.5, 1.0):
         cfg.timesteps.bounds(progress, 1000)  # raises if the range is empty
         if cfg.grad_clip is not None and not cfg.grad_clip(progress) > 0.0:

@@ -31,9 +31,26 @@ the SD refine stage. TV-3DG (``yjhboy/TV-3DG``) released no code: its CSM form (
 at a DDIM-inverted x_t), the inversion grid and step count, w(t) and the scales are
 **UNVERIFIED** reconstructions (docs/guidance-spec.md §4.2) and are all config fields here.
 
-Not implemented: CSD's Perp-Neg term (``perpneg_scale: 3`` with ``use_perp_neg`` in
-``csd-if.yaml``; dreamlab has no Perp-Neg yet, equivalent to ``csd-if-object.yaml``) and CSD's
-``noise_scale`` term (0 in every shipped config; it re-adds the difference term CSM removes).
+Optional Perp-Neg term (``perp_neg=True``; CSD's ``a_p·PerpNeg``, spec §4.1: ``use_perp_neg``
+with ``perpneg_scale: 3`` in ``csd-if.yaml``, off in ``csd-if-object.yaml``). The conditional
+branch takes threestudio's Perp-Neg positive y_pos (azimuth-interpolated, E(overhead) above the
+overhead threshold) instead of y_view, and a perpendicular negative term is added:
+
+    g = w(t) · ( s [ ε_φ(x_t; y_pos) − λ(p) ε_φ(x_t; neg) − (1 − λ(p)) ε_φ(x_t; "") ]
+                 + s κ Σ_i w_i perp(e_i, e_pos) )
+    e_pos = ε_φ(x_t; y_pos) − ε_φ(x_t; neg),   e_i = ε_φ(x_t; neg_i) − ε_φ(x_t; neg)
+    perp(a, b) = a − ⟨a,b⟩/max(‖b‖², 1e−6) b          (per view, over all pixels and channels)
+
+with threestudio's weights w_i ≤ 0 (``PerpNegWeights``; negatives [front, side] on the front
+half, [side, front] on the back half, 0 for overhead views) and κ = ``perp_neg_scale``. CSD's
+coefficients are independent numbers (cond 1, uncond, null, perpneg 3); dreamlab writes them as
+s·(1, −λ, −(1 − λ), κ), so with CSD's s = 1, κ = 3 is ``csd-if.yaml`` exactly. e_pos and e_i use
+the negative prompt (CSD's ``uncond``) whatever λ is. The extra rows (y_pos unless already
+evaluated, neg, neg_1, neg_2) join the same batched call; each view's negatives are evaluated at
+its own x_t (CSD, like threestudio issue #456, mixes the views' x_t when B > 1).
+
+Not implemented: CSD's ``noise_scale`` term (0 in every shipped config; it re-adds the
+difference term CSM removes).
 
 Extension point for VPCSM (visual-prompt CSM, TV-3DG): :meth:`CSM.branches` decides which
 ε-predictions enter g and with which weights; :meth:`CSM.predict_branches` evaluates them in
@@ -52,6 +69,7 @@ from torch import Tensor
 
 from dreamlab.guidance.common import (
     GuidanceBase,
+    PerpNegWeights,
     TimestepSchedule,
     WEIGHTINGS,
     alpha_sigma,
@@ -59,7 +77,9 @@ from dreamlab.guidance.common import (
     clip_gradient,
     ddim_step,
     guidance_output,
+    perp_neg_residual,
     sample_noise,
+    validate_perp_neg_fields,
     weighting,
 )
 from dreamlab.priors.base import Prior
@@ -138,6 +158,17 @@ class CSMConfig:
     """Element-wise clamp of g to ±c(progress) before normalisation; None disables it (CSD)."""
     loss_scale: float = 1.0
     """Multiplies the loss (CSD ``lambda_sds: 1``)."""
+    perp_neg: bool = False
+    """CSD's Perp-Neg term (``use_perp_neg``), default off (as ``csd-if-object.yaml``;
+    ``csd-if.yaml`` turns it on): the conditional branch takes the azimuth-interpolated
+    front/side/back positive and s·κ·Σ_i w_i perp(e_i, e_pos) is added to the score (module
+    docstring). Needs view_dependent != "none"."""
+    perp_neg_scale: float = 3.0
+    """κ, CSD's ``perpneg_scale`` relative to the classifier scale s (the term is s·κ·PerpNeg;
+    ``csd-if.yaml``: perpneg_scale 3 with cond_scale 1). Used only with perp_neg."""
+    perp_neg_weights: PerpNegWeights = field(default_factory=PerpNegWeights)
+    """Perp-Neg's decay functions f(r) = a·exp(−b·r) + c (threestudio ``perp_neg_f_*`` defaults,
+    unchanged in CSD)."""
 
     def validate(self) -> None:
         """Raises ValueError with a one-line message for impossible settings."""
@@ -153,6 +184,7 @@ class CSMConfig:
             raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
         if not math.isfinite(self.loss_scale):
             raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
+        validate_perp_neg_fields(self)
         for progress in (0.0, 0.5, 1.0):
             self.timesteps.bounds(progress, 1000)  # raises if the range is empty
             if not math.isfinite(self.negative_mix(progress)):
@@ -189,6 +221,16 @@ def merge_branches(branches: list[CSMBranch]) -> list[CSMBranch]:
     return [b for b in merged if b.weight != 0.0]
 
 
+def find_or_add_row(branches: list[CSMBranch], name: str, embeds: Tensor) -> int:
+    """Index of the branch evaluated with exactly ``embeds``; appends a zero-weight branch
+    ``name`` (evaluated, but not part of Σ a_k ε_k) when there is none."""
+    for i, branch in enumerate(branches):
+        if branch.embeds.shape == embeds.shape and torch.equal(branch.embeds, embeds):
+            return i
+    branches.append(CSMBranch(name, embeds, 0.0))
+    return len(branches) - 1
+
+
 @dataclass
 class CSMAux:
     """Detached intermediates of one CSM call (tests and diagnostics)."""
@@ -196,11 +238,14 @@ class CSMAux:
     noise: Tensor | None  # [B, C, h, w] ε (noising="random"), None for DDIM inversion
     x_t: Tensor  # [B, C, h, w] the noisy latents the branches were evaluated at
     inversion_timesteps: Tensor | None  # [N + 1, B] the inversion grid τ_k, None for "random"
-    branch_names: tuple[str, ...]  # the evaluated branches (non-zero, merged), in call order
-    branch_weights: tuple[float, ...]  # their coefficients a_k
+    branch_names: tuple[str, ...]  # the evaluated branches (non-zero, merged; then any rows
+    #                                only Perp-Neg needs, "perp_*"), in call order
+    branch_weights: tuple[float, ...]  # their coefficients a_k (0 for the Perp-Neg-only rows)
     branch_eps: Tensor  # [K, B, C, h, w] their ε-predictions
     weights: Tensor  # [B] w(t)
     grad: Tensor  # [B, C, h, w] g after nan_to_num, clipping and normalisation
+    neg_weights: Tensor | None = None  # [B, 2] Perp-Neg weights κ·w_i (None without Perp-Neg)
+    perp_neg: Tensor | None = None  # [B, C, h, w] s κ Σ_i w_i perp(e_i, e_pos), before w(t)
 
 
 class CSM(GuidanceBase):
@@ -214,13 +259,15 @@ class CSM(GuidanceBase):
         """Which ε-predictions enter g and their weights, g = w(t) Σ a_k ε_k (the caller drops
         zero weights and merges identical embeddings, :func:`merge_branches`).
 
-        Text CSM/CSD: cond (view-dependent prompt) +s, negative prompt −s·λ, null "" −s·(1 − λ).
-        VPCSM overrides this (and :meth:`predict_branches`) to add visual-prompt branches.
+        Text CSM/CSD: cond (view-dependent prompt, or the Perp-Neg positive with perp_neg) +s,
+        negative prompt −s·λ, null "" −s·(1 − λ). VPCSM overrides this (and
+        :meth:`predict_branches`) to add visual-prompt branches.
         """
         s = float(self.cfg.guidance_scale)
         lam = float(self.cfg.negative_mix(progress))
-        cond, negative = self.prompt.embeds_for_cameras(embeds, cams, self.view_mode)
-        null = embeds.null.unsqueeze(0).expand(len(cams), -1, -1)
+        text = self.text_conditioning(embeds, cams)
+        cond, negative = text.cond, text.uncond
+        null = embeds.null.unsqueeze(0).expand(len(cams), -1, -1).to(self.prior.device)
         return [
             CSMBranch("cond", cond, s),
             CSMBranch("negative", negative, -s * lam),
@@ -288,14 +335,31 @@ class CSM(GuidanceBase):
             # 3. x_t: DDIM inversion with the null text (TV-3DG) or forward noising (CSD).
             x_t, noise, grid = self.noisy_latents(latents.detach(), t, embeds, generator)
 
-            # 4. The classifier branches at (x_t, t): one batched U-Net call.
+            # 4. The classifier branches at (x_t, t) (plus, with Perp-Neg, the rows its term
+            #    needs and the branches lack, at weight 0): one batched U-Net call.
             branches = merge_branches(self.branches(embeds, cams, progress))
+            text, rows = None, None
+            if cfg.perp_neg:
+                text = self.text_conditioning(embeds, cams)
+                rows = [
+                    find_or_add_row(branches, name, e)
+                    for name, e in [("perp_pos", text.cond), ("perp_uncond", text.uncond)]
+                    + [(f"perp_neg_{i + 1}", n) for i, n in enumerate(text.negs.unbind(1))]
+                ]
             if branches:
                 branch_eps = self.predict_branches(x_t, t, branches)
-                score = sum(b.weight * e for b, e in zip(branches, branch_eps))
+                score = sum(b.weight * e for b, e in zip(branches, branch_eps) if b.weight != 0.0)
+                if not torch.is_tensor(score):  # only zero-weight (Perp-Neg) rows
+                    score = torch.zeros_like(x_t)
             else:
                 branch_eps = x_t.new_zeros((0, *x_t.shape))
                 score = torch.zeros_like(x_t)
+            perp = None
+            if text is not None:
+                eps_pos, eps_uncond, *eps_negs = (branch_eps[i] for i in rows)
+                residual = perp_neg_residual(eps_uncond, eps_pos, torch.stack(eps_negs, dim=1), text.neg_weights)
+                perp = float(cfg.guidance_scale) * residual
+                score = score + perp
 
             # 5. g = w(t) Σ a_k ε_k, made finite, optionally clamped, then globally normalised.
             w = csm_weighting(cfg.weighting, prior.alphas_cumprod, t)
@@ -316,5 +380,7 @@ class CSM(GuidanceBase):
                 branch_eps=branch_eps,
                 weights=w,
                 grad=grad,
+                neg_weights=None if text is None else text.neg_weights,
+                perp_neg=perp,
             ),
         )

@@ -34,9 +34,27 @@ Deliberate differences from that code:
   dreamlab's default lies in [20, 980], and its floor for s and τ_0 is 1 where dreamlab's is 0.
 * When τ_0 = s (t ≤ Δt and no room below), LucidDreamer makes one U-Net call whose DDIM step goes
   from s to s (a no-op); dreamlab skips that call. Every step still lands on s, then on t.
-* Not ported: Perp-Neg (off in every shipped config), depth-as-latent (``as_latent_ratio``; a
-  guidance only sees the RGB render), ControlNet, ``fix_noise`` (off by default), ``xs_eta`` > 0
-  (stochastic inversion; 0 in every config).
+* Not ported: depth-as-latent (``as_latent_ratio``; a guidance only sees the RGB render),
+  ControlNet, ``fix_noise`` (off by default), ``xs_eta`` > 0 (stochastic inversion; 0 in every
+  config).
+
+Optional Perp-Neg (``perp_neg=True``; LucidDreamer ``train_step_perpneg`` with
+``train.py:get_pos_neg_text_embeddings``, ``guidance/perpneg_utils.py``; spec §1.2, LucidDreamer
+variant). Everything up to x_t and the target ε_φ(x_s; ∅_inv, s) is unchanged (the inversion
+keeps the empty prompt, or its reverse CFG with the negative prompt); only the CFG prediction at
+(x_t, t) becomes
+
+    y_pos = r E(front) + (1 − r) E(side)   (|φ| < 90°, r = 1 − |φ|/90; negatives [front, side])
+          = r E(side) + (1 − r) E(back)    (otherwise, r = 2 − |φ|/90; negatives [side, front])
+    e_pos = ε_φ(x_t; y_pos, t) − ε_φ(x_t; ∅, t),   e_i = ε_φ(x_t; neg_i, t) − ε_φ(x_t; ∅, t)
+    ε̂_t = ε_φ(x_t; ∅, t) + s_cfg (e_pos + Σ_i λ w_i perp(e_i, e_pos))
+    perp(a, b) = a − ⟨a,b⟩/max(‖b‖², 1e−6) b          (per view, over all pixels and channels)
+
+with LucidDreamer's weights (``LucidPerpNegWeights``, n = −2): front half
+[n e^{−2r} (0 if r > 0.8), n e^{−10(1−r)} (0 if r < 0.2)], back half [n e^{−10r}/2 (0 if r > 0.8), n],
+λ = ``perp_neg_scale`` (1 = LucidDreamer). No overhead view (LucidDreamer has none). One
+batched call ``[y_pos; ∅; neg_1; neg_2]`` (blocks of B) at (x_t, t). LucidDreamer skips a
+negative whose |w_i| ≤ 1e−4; dreamlab adds it (its weights never fall in (0, 1e−4] with λ = 1).
 
 The inversion helpers ``ddim_move`` and ``ddim_invert`` below are pure functions that TSM
 (``tsm.py``) reuses; ``TSM`` also subclasses ``ISM`` and only swaps the matching target.
@@ -53,13 +71,17 @@ from torch import Tensor
 
 from dreamlab.guidance.common import (
     GuidanceBase,
+    LucidPerpNegWeights,
+    PerpNegWeights,
     TimestepSchedule,
     alpha_sigma,
     check_renders,
     ddim_step,
     guidance_output,
     predict_eps_cfg,
+    predict_eps_guided,
     sample_noise,
+    validate_perp_neg_fields,
 )
 from dreamlab.priors.base import Prior
 from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
@@ -168,6 +190,21 @@ class ISMConfig:
     loss_scale: float = 0.4
     """Multiplies the loss. LucidDreamer applies ``lambda_guidance`` 0.1 · g per view without
     dreamlab's 1/B, with ``C_batch_size`` 4 views: 0.1 · 4 = 0.4 gives the same step at B = 4."""
+    perp_neg: bool = False
+    """Perp-Neg in LucidDreamer's form (its ``train_step_perpneg``; spec §1.2 LucidDreamer
+    variant), default off as in LucidDreamer's shipped configs (``perpneg: false``; its argument
+    default is on): only the CFG prediction at
+    (x_t, t) changes, to ε̂_t = ε_∅ + s (e_pos + Σ_i λ w_i perp(e_i, e_pos)) with the
+    azimuth-interpolated positive (no overhead view) and the two pure view prompts it blends as
+    negatives; the inversion and the matching target ε_φ(x_s; "", s) stay as they are. Needs
+    view_dependent != "none"."""
+    perp_neg_scale: float = 1.0
+    """λ, multiplies the Perp-Neg weights: 1 = LucidDreamer's own weights (``negative_w`` −2,
+    ``front_decay_factor`` 2, ``side_decay_factor`` 10, in ``perp_neg_weights``). Used only with
+    perp_neg."""
+    perp_neg_weights: LucidPerpNegWeights | PerpNegWeights = field(default_factory=LucidPerpNegWeights)
+    """Perp-Neg weight functions: LucidDreamer's (default; no overhead view), or threestudio's
+    ``PerpNegWeights`` (with its overhead view)."""
 
     def validate(self) -> None:
         """Raises ValueError with a one-line message for impossible settings."""
@@ -192,6 +229,7 @@ class ISMConfig:
             )
         if not math.isfinite(self.loss_scale):
             raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
+        validate_perp_neg_fields(self)
         for progress in (0.0, 0.5, 1.0):
             self.timesteps.bounds(progress, 1000)  # raises if the range is empty
             value = float(self.delta_t(progress))
@@ -222,6 +260,7 @@ class ISMAux:
     eps_pred: Tensor  # [B, C, h, w] ε̂ after CFG at (x_t, t)
     weights: Tensor  # [B] w(t) = σ_t / α_t
     grad: Tensor  # [B, C, h, w] g = w(t)(ε̂ − target) after nan_to_num
+    neg_weights: Tensor | None  # [B, 2] Perp-Neg weights λ·w_i applied (None without Perp-Neg)
 
 
 # ------------------------------------------------------------------------------ guidance
@@ -283,10 +322,11 @@ class ISM(GuidanceBase):
         noise = noise + cfg.noise_offset * sample_noise((1, shape[1], 1, 1), generator, latents.device)
 
         # 4. Embeddings: cond = prompt with view words, uncond = negative prompt (CFG),
-        #    null = "" (inversion).
-        cond, uncond = self.prompt.embeds_for_cameras(embeds, cams, self.view_mode)
+        #    null = "" (inversion); with Perp-Neg, cond = the interpolated positive plus two
+        #    weighted negatives per view (the CFG prediction only).
+        text = self.text_conditioning(embeds, cams)
         null = embeds.null.unsqueeze(0).expand(batch, -1, -1).to(prior.device)
-        eps_fn = self._inversion_eps(null, uncond.to(prior.device))
+        eps_fn = self._inversion_eps(null, text.uncond)
 
         with torch.no_grad():
             # 5. DDIM-invert x_0 -> x_s (noised to τ_0 first), then one more step s -> t.
@@ -300,9 +340,10 @@ class ISM(GuidanceBase):
             # 6. The target ε̂ is matched to (ISM: ε_s; TSM: ε at μ on a second path).
             target, extra = self._target(x_s, eps_s, s, t, eps_fn)
 
-            # 7. ε̂ with CFG at (x_t, t), one batched call [cond; uncond].
+            # 7. ε̂ with CFG (or Perp-Neg) at (x_t, t), one batched call [cond; uncond
+            #    (; 1st negatives; 2nd negatives)].
             t_batch = torch.full((batch,), t, dtype=torch.long, device=prior.device)
-            eps_pred = predict_eps_cfg(prior, x_t, t_batch, cond, uncond, cfg.guidance_scale)[0]
+            eps_pred = predict_eps_guided(prior, x_t, t_batch, text, cfg.guidance_scale)[0]
 
             # 8. g = (σ_t / α_t)(ε̂ − target), made finite.
             alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t_batch)
@@ -312,7 +353,8 @@ class ISM(GuidanceBase):
         # 9. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
         aux = self.aux_type(
             t=t, s=s, delta_t=delta_t, start=start, flipped=flipped, noise=noise, x_s=x_s, x_t=x_t,
-            eps_s=eps_s, target=target, eps_pred=eps_pred, weights=w, grad=grad, **extra,
+            eps_s=eps_s, target=target, eps_pred=eps_pred, weights=w, grad=grad,
+            neg_weights=text.neg_weights, **extra,
         )
         timesteps = torch.full((batch,), t, dtype=torch.long)
         return guidance_output(latents, grad, batch, timesteps, cfg.loss_scale, aux)

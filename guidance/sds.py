@@ -46,11 +46,10 @@ from dreamlab.guidance.common import (
     TimestepSchedule,
     Weighting,
     alpha_sigma,
-    cfg_combine,
     check_renders,
     clip_gradient,
     guidance_output,
-    perp_neg_combine,
+    predict_eps_guided,
     sample_noise,
     validate_common_fields,
     weighting,
@@ -118,11 +117,6 @@ class SDSAux:
 class SDS(GuidanceBase):
     """Callable guidance: ``(rgb, cams, embeds, progress, generator) -> GuidanceOutput``."""
 
-    def __init__(self, cfg: SDSConfig, prior: Prior, prompt: PromptConfig) -> None:
-        super().__init__(cfg, prior, prompt)
-        if cfg.perp_neg and self.view_mode == "none":
-            raise ValueError('perp_neg needs view-dependent prompts, but the view mode is "none"')
-
     def __call__(
         self,
         rgb: Tensor,
@@ -144,36 +138,15 @@ class SDS(GuidanceBase):
 
         # 3. Per-view text embeddings: cond = prompt with view words, uncond = negative prompt;
         #    with Perp-Neg: cond = interpolated positive, plus 2 weighted negatives per view.
-        neg_weights = None
-        if cfg.perp_neg:
-            cond, uncond, negs, neg_weights = self.prompt.perp_neg_embeds_for_cameras(
-                embeds, cams, cfg.perp_neg_weights
-            )
-            neg_weights = cfg.perp_neg_scale * neg_weights.to(prior.device)
-        else:
-            cond, uncond = self.prompt.embeds_for_cameras(embeds, cams, self.view_mode)
+        text = self.text_conditioning(embeds, cams)
 
-        # 4. Noise the latents and predict ε̂ with CFG (one batched U-Net call, no gradient).
+        # 4. Noise the latents and predict ε̂ with CFG or Perp-Neg: one batched U-Net call
+        #    [cond; ∅ (; 1st negatives; 2nd negatives)] on each view's own x_t, no gradient.
         alphas_cumprod = prior.alphas_cumprod
         alpha, sigma = alpha_sigma(alphas_cumprod, t)
         with torch.no_grad():
             x_t = alpha * latents.detach() + sigma * noise
-            if neg_weights is None:
-                eps = prior.predict_eps(
-                    torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]).to(prior.device)
-                )
-                eps_cond, eps_uncond = eps.chunk(2)
-                eps_pred = cfg_combine(eps_uncond, eps_cond, cfg.guidance_scale)
-            else:
-                # Blocks of B: [y_pos; ∅; 1st negatives; 2nd negatives], each on the view's own
-                # x_t (threestudio interleaves the negatives but not x_t, its issue #456).
-                k = negs.shape[1]
-                emb = torch.cat([cond, uncond, *negs.unbind(1)]).to(prior.device)
-                eps = prior.predict_eps(x_t.repeat(2 + k, 1, 1, 1), t.repeat(2 + k), emb)
-                eps_cond, eps_uncond, *eps_negs = eps.chunk(2 + k)
-                eps_pred = perp_neg_combine(
-                    eps_uncond, eps_cond, torch.stack(eps_negs, dim=1), neg_weights, cfg.guidance_scale
-                )
+            eps_pred = predict_eps_guided(prior, x_t, t, text, cfg.guidance_scale)[0]
 
             # 5. g = w(t)(ε̂ − ε), made finite, optionally clamped (D-SDS).
             w = weighting(cfg.weighting, alphas_cumprod, t)
@@ -183,5 +156,5 @@ class SDS(GuidanceBase):
         # 6. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
         return guidance_output(
             latents, grad, batch, t, cfg.loss_scale,
-            aux=SDSAux(noise=noise, eps_pred=eps_pred, weights=w, grad=grad, neg_weights=neg_weights),
+            aux=SDSAux(noise=noise, eps_pred=eps_pred, weights=w, grad=grad, neg_weights=text.neg_weights),
         )

@@ -29,13 +29,18 @@ dropout coin) is drawn from the caller's CPU generator; the LoRA, camera MLP, op
 grad-scaler state round-trip through ``state_dict()`` / ``load_state_dict()`` so a resumed run
 is bit-exact.
 
-Particles: the paper optimises n particles θ_i that all train one shared ε_ψ. dreamlab's trainer
-optimises one 3D model, so ``num_particles`` must be 1 (threestudio supports only one particle
-too; ProlificDreamer's ``--n_particles`` defaults to 1): the B views of a step are views of that
-one particle, and all of them train the shared LoRA (threestudio). This guidance is otherwise
-particle-agnostic: a trainer that put views of K particles into one batch would need no change
-here. Left out: ProlificDreamer's replay buffer of (latent, pose), its ``unet_bs=1`` subsampling,
-its K > 1 LoRA steps per iteration and its LoRA learning-rate warm-up (threestudio has none of them).
+Particles: the paper optimises n particles θ_i (samples of μ(θ | y)) that all train one shared
+ε_ψ, the score of the distribution of their renders (spec §2). ``num_particles`` N (default 1,
+as ProlificDreamer's ``--n_particles``; threestudio supports only one) is read by the trainer
+(``dreamlab.train``): it trains N independent 3D models, renders V views of each per step and
+calls this guidance once with all N·V renders, so each particle gets the gradient above on its
+own renders and the LoRA step below trains on every particle's renders. The guidance itself is
+particle-agnostic (a batch is a batch). ProlificDreamer instead picks one random particle per
+iteration (``set_idx()``), renders it, and trains the LoRA on that render; dreamlab updates all
+particles every step, so N particles cost N times the rendering and U-Net work of one and need
+no N-fold longer run (ProlificDreamer's README runs 4 particles for 4× the iterations).
+Left out: ProlificDreamer's replay buffer of (latent, pose), its ``unet_bs=1`` subsampling, its
+K > 1 LoRA steps per iteration and its LoRA learning-rate warm-up (threestudio has none of them).
 
 Reference code: threestudio ``models/guidance/stable_diffusion_vsd_guidance.py``
 (``compute_grad_vsd``, ``train_lora``), configs ``prolificdreamer*.yaml``; thu-ml/prolificdreamer
@@ -141,8 +146,10 @@ class LoRAScoreConfig:
     ∇log q_t(x_t | y)); "negative" = the negative prompt, which is what threestudio's
     compute_grad_vsd actually feeds (its LoRA batch is [cond, uncond] text with [c, 0] cameras)."""
     num_particles: int = 1
-    """Number of VSD particles (ProlificDreamer --n_particles 1). Only 1 is supported: dreamlab
-    trains one 3D model per run, whose B views all train the shared LoRA (module docstring)."""
+    """Number of VSD particles N (ProlificDreamer --n_particles, default 1): the trainer trains N
+    independent 3D models together, every step V views of each (the camera batch size), and
+    the shared LoRA learns from all N·V renders. Costs N times one particle per step. Particle
+    0 is exported into the run folder, particle k into its particle_k/ subfolder."""
     init_seed: int = 0
     """Seed of the LoRA A-matrices' and camera MLP's random initialisation (a forked CPU RNG, so
     building the guidance neither reads nor changes the global RNG)."""
@@ -177,11 +184,8 @@ class LoRAScoreConfig:
             raise ValueError(f"camera_dropout must lie in [0, 1], got {self.camera_dropout}")
         if self.lora_uncond_prompt not in LORA_UNCOND_PROMPTS:
             raise ValueError(f"lora_uncond_prompt must be one of {LORA_UNCOND_PROMPTS}, got {self.lora_uncond_prompt!r}")
-        if self.num_particles != 1:
-            raise ValueError(
-                f"num_particles must be 1, got {self.num_particles}: dreamlab trains one 3D model per "
-                "run (its views all train the shared LoRA); several particles need several runs' models"
-            )
+        if isinstance(self.num_particles, bool) or not isinstance(self.num_particles, int) or self.num_particles < 1:
+            raise ValueError(f"num_particles must be an integer >= 1, got {self.num_particles!r}")
         if not isinstance(self.init_seed, int):
             raise ValueError(f"init_seed must be an integer, got {self.init_seed!r}")
         for progress in (0.0, 0.5, 1.0):

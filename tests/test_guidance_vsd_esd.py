@@ -526,7 +526,7 @@ def test_defaults_and_validate():
         VSDConfig(camera_condition="mvp"),
         VSDConfig(camera_dropout=1.5),
         VSDConfig(lora_uncond_prompt="null"),
-        VSDConfig(num_particles=4),
+        VSDConfig(num_particles=0),  # several particles are fine (tests/test_vsd_particles.py)
         VSDConfig(timesteps=TimestepSchedule(t_min=Constant(0.9), t_max=Constant(0.5))),
         VSDConfig(lora_timesteps=TimestepSchedule(t_min=Constant(0.9), t_max=Constant(0.5))),
         ESDConfig(entropy_weight=Constant(1.5)),
@@ -539,7 +539,7 @@ def test_defaults_and_validate():
             cfg.validate()
     ESDConfig(entropy_weight=Constant(0.0), camera_dropout=0.0).validate()  # = VSD without dropout
     with pytest.raises(ValueError):
-        VSDConfig(num_particles=2).build(None)  # build validates first
+        VSDConfig(num_particles=0).build(None)  # build validates first
 
 
 def test_lora_targets_that_match_nothing_are_a_clear_error(builtin_prior):
