@@ -8,6 +8,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from dreamlab.export.gltf import write_glb
 from dreamlab.export.mesh import ExtractedMesh, MeshExportConfig, extract_mesh, renderer_device
 from dreamlab.export.obj import write_obj
@@ -95,13 +97,27 @@ def has_splats(renderer: Renderer) -> bool:
     return callable(getattr(renderer, "splat_arrays", None))
 
 
+def alpha_depth_fn(renderer: Renderer):
+    """cameras -> (alpha [B, H, W], depth [B, H, W]) of ``renderer`` over a black background
+    (what :func:`dreamlab.export.mesh.carve_occupancy` carves the solid from)."""
+
+    def render(cams):
+        background = torch.zeros(3, device=cams.device)
+        out = renderer.render(cams, background)
+        return out.alpha[..., 0], out.depth[..., 0]
+
+    return render
+
+
 def textured_mesh(
     renderer: Renderer, cfg: ExportConfig | MeshExportConfig | None = None
 ) -> tuple[ExtractedMesh, TexturedMesh]:
     """Marching-cubes mesh + baked texture of a renderer (what the .glb and .obj writers take)."""
     cfg = as_export_config(cfg)
     device = renderer_device(renderer)
-    extracted = extract_mesh(renderer.density, None, cfg.mesh, device=device)
+    extracted = extract_mesh(
+        renderer.density, None, cfg.mesh, device=device, render_fn=alpha_depth_fn(renderer)
+    )
     return extracted, bake_texture(extracted, renderer.color, cfg.texture, device=device)
 
 
