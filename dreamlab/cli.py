@@ -58,6 +58,8 @@ class GenerateArgs:
     """What the asset should not look like."""
     guidance_scale: float | None = None
     """Classifier-free guidance scale (diffusers convention); default: the guidance's own."""
+    image_prompt: Path | None = None
+    """Reference image for --guidance vpcsm (PNG/JPEG/WebP..., alpha composited on white)."""
     faces: int | None = None
     """Face budget of the exported mesh."""
     size_m: float | None = None
@@ -116,6 +118,29 @@ class TrainBuiltinArgs:
     """No progress bar."""
 
 
+@dataclass
+class TrainImageAdapterArgs:
+    """Train the builtin prior's image-prompt adapter (IP-Adapter style; VPCSM needs it) on the
+    world's renders, with the prior frozen (CPU: ~15 minutes)."""
+
+    steps: int = 2000
+    """Optimisation steps (batch 32)."""
+    seed: int = 0
+    """Seeds the adapter's initial weights and every batch."""
+    text_dropout: float = 0.5
+    """Probability of training on the empty caption: high, so that the image has to carry the
+    object's identity (at 0.1 the adapter learned almost nothing the caption did not already say)."""
+    prior: Path | None = None
+    """Folder of the builtin prior to adapt; the adapter is saved inside it, in image-adapter/
+    (default: the shipped assets/builtin-prior)."""
+    work_dir: Path = Path("builtin-prior-work")
+    """Folder for the view cache (shared with train-builtin) and the adapter's checkpoints."""
+    resume: bool = False
+    """Continue from the newest adapter checkpoint in --work-dir."""
+    quiet: bool = False
+    """No progress bar."""
+
+
 def prompt_slug(prompt: str, max_chars: int = 48) -> str:
     """A folder name for a prompt: lowercase ASCII words joined by '-', never a path."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.strip().lower()).strip("-")
@@ -157,7 +182,12 @@ def build_run_config(args: GenerateArgs):
             negative_prompt=args.negative_prompt,
             checkpoint_every=args.checkpoint_every,
             device=args.device,
+            image_prompt=None if args.image_prompt is None else str(Path(args.image_prompt).resolve()),
         )
+        if getattr(cfg.guidance, "image_prompt", None) is not None:
+            from dreamlab.image_prompt import load_image_prompt
+
+            load_image_prompt(cfg.guidance.image_prompt)  # a bad image fails before the prior loads
         cfg.export = cfg.export.with_overrides(args.faces, args.size_m, args.texture_size)
         cfg.export.validate()
         options = getattr(args, args.guidance, None)
@@ -377,8 +407,46 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
     return 0
 
 
+def train_image_adapter(args: TrainImageAdapterArgs) -> int:
+    from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint
+    from dreamlab.priors import PriorLoadError
+    from dreamlab.priors.builtin import ASSET_DIR, BuiltinPrior
+    from dreamlab.priors.train_image_adapter import ImageAdapterTrainConfig, ImageAdapterTrainer
+
+    cfg = ImageAdapterTrainConfig(steps=args.steps, seed=args.seed, text_dropout=args.text_dropout)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    folder = args.prior or ASSET_DIR
+    try:
+        prior = BuiltinPrior.from_pretrained(folder)
+    except PriorLoadError as err:
+        raise UserError(str(err)) from None
+    _check_writable(args.work_dir)
+    _check_writable(folder)
+    if find_latest_checkpoint(args.work_dir / "image-adapter-checkpoints") is not None and not args.resume:
+        raise UserError(f"{args.work_dir} already holds image-adapter checkpoints: pass --resume, or use another --work-dir")
+    _say("dreamlab: loading the world's training views (cached in --work-dir)")
+    trainer = ImageAdapterTrainer(cfg, args.work_dir, prior)
+    if args.resume:
+        try:
+            used = trainer.resume()
+        except CheckpointError as err:
+            raise UserError(str(err)) from None
+        _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else "dreamlab: no checkpoint, starting fresh")
+    started = time.perf_counter()
+    code = _drive(trainer, cfg.steps, "training image adapter", args.quiet,
+                  lambda bar, report: bar.set_postfix(loss=f"{report.loss:.4f}"), trainer.save_checkpoint)
+    if code != 0:
+        return code
+    written = trainer.export(folder, training_seconds=time.perf_counter() - started)
+    _say(f"dreamlab: image-prompt adapter written to {written}")
+    return 0
+
+
 COMMAND_GROUPS = {
-    "prior": {"train-builtin": "TrainBuiltinArgs"},
+    "prior": {"train-builtin": "TrainBuiltinArgs", "train-image-adapter": "TrainImageAdapterArgs"},
     "bench": {"prior": "BenchPriorArgs", "quality": "BenchQualityArgs"},
 }
 
@@ -418,7 +486,8 @@ def _parse(argv: list[str]):
     if argv and argv[0] in COMMAND_GROUPS:
         from dreamlab.bench.cli import BenchPriorArgs, BenchQualityArgs
 
-        types_by_name = {"TrainBuiltinArgs": TrainBuiltinArgs, "BenchPriorArgs": BenchPriorArgs,
+        types_by_name = {"TrainBuiltinArgs": TrainBuiltinArgs, "TrainImageAdapterArgs": TrainImageAdapterArgs,
+                         "BenchPriorArgs": BenchPriorArgs,
                          "BenchQualityArgs": BenchQualityArgs}
         group = {name: types_by_name[t] for name, t in COMMAND_GROUPS[argv[0]].items()}
         return tyro.extras.subcommand_cli_from_dict(group, args=argv[1:], prog=f"dreamlab {argv[0]}")
@@ -430,7 +499,7 @@ def _parse(argv: list[str]):
         args=argv,
         prog="dreamlab",
         description="dreamlab: text to game-ready 3D assets. More commands: "
-        "`dreamlab prior train-builtin`, `dreamlab bench prior`, `dreamlab bench quality`.",
+        "`dreamlab prior train-builtin`, `dreamlab prior train-image-adapter`, `dreamlab bench prior`, `dreamlab bench quality`.",
     )
 
 
@@ -441,6 +510,8 @@ def _dispatch(args) -> int:
         return export(args)
     if isinstance(args, TrainBuiltinArgs):
         return train_builtin(args)
+    if isinstance(args, TrainImageAdapterArgs):
+        return train_image_adapter(args)
     from dreamlab.bench.cli import BenchPriorArgs, bench_prior, bench_quality
     from dreamlab.priors import PriorLoadError
 

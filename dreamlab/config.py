@@ -131,6 +131,7 @@ def make_run_config(
     negative_prompt: str = "",
     checkpoint_every: int = 100,
     device: str = "auto",
+    image_prompt: str | None = None,
 ) -> RunConfig:
     """A validated RunConfig: the preset for the chosen prior, then the given overrides.
 
@@ -167,6 +168,10 @@ def make_run_config(
                 f"see `dreamlab generate --guidance {guidance} --help` for its weights"
             )
         cfg.guidance = dataclasses.replace(cfg.guidance, guidance_scale=guidance_scale)
+    if image_prompt is not None:
+        if not hasattr(cfg.guidance, "image_prompt"):
+            raise ValueError(f"--image-prompt applies to --guidance vpcsm only, not {guidance}")
+        cfg.guidance = dataclasses.replace(cfg.guidance, image_prompt=str(image_prompt))
     if gaussians is not None:
         if gaussians < 1:
             raise ValueError(f"--gaussians must be >= 1, got {gaussians}")

@@ -18,6 +18,7 @@ from dreamlab.guidance.dsd import DSD, DSDConfig
 from dreamlab.guidance.esd import ESD, ESDConfig
 from dreamlab.guidance.ism import ISM, ISMConfig
 from dreamlab.guidance.tsm import TSM, TSMConfig
+from dreamlab.guidance.vpcsm import VPCSM, VPCSMConfig
 from dreamlab.guidance.vsd import VSD, VSDConfig
 from dreamlab.guidance.sds import SDS, SDSConfig
 
@@ -26,6 +27,7 @@ GUIDANCES: dict[str, type] = {
     "vsd": VSDConfig,
     "esd": ESDConfig,
     "csm": CSMConfig,
+    "vpcsm": VPCSMConfig,
     "ism": ISMConfig,
     "tsm": TSMConfig,
     "asd": ASDConfig,
@@ -35,7 +37,7 @@ GUIDANCES: dict[str, type] = {
 }
 """Method name (``dreamlab generate --guidance NAME``) -> config dataclass with the paper's defaults."""
 
-GuidanceConfig = SDSConfig | VSDConfig | ESDConfig | CSMConfig | ISMConfig | TSMConfig | ASDConfig | BSDConfig | DSDConfig | CDSConfig
+GuidanceConfig = SDSConfig | VSDConfig | ESDConfig | CSMConfig | VPCSMConfig | ISMConfig | TSMConfig | ASDConfig | BSDConfig | DSDConfig | CDSConfig
 """Union of every guidance config type."""
 
 BUILTIN_PRIOR_GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
@@ -50,6 +52,7 @@ BUILTIN_PRIOR_GUIDANCE_PRESETS: dict[str, dict[str, Any]] = {
     # CSD's scale 1 with gradient normalisation is tuned for DeepFloyd IF at 64 px; on the builtin
     # prior use CFG-like magnitudes and SDS's weighting, and 2 inversion steps to keep the cost low.
     "csm": {"guidance_scale": 7.5, "grad_normalize": False, "weighting": "sds", "inversion_steps": 2},
+    "vpcsm": {"guidance_scale": 7.5, "grad_normalize": False, "weighting": "sds", "inversion_steps": 2},
     "cds": {"guidance_scale": 7.5},
     # ProlificDreamer's CFG 7.5 already; the small prior's LoRA learns fast enough at 1e-4.
     "vsd": {},
@@ -77,6 +80,8 @@ __all__ = [
     "ISM",
     "ISMConfig",
     "TSM",
+    "VPCSM",
+    "VPCSMConfig",
     "TSMConfig",
     "VSD",
     "VSDConfig",

@@ -28,11 +28,22 @@ generator the first time it is needed (after that step's Δ draws) and is part o
 ``share_noise=False`` fresh per-view noise is drawn every step instead (the reference's
 ``randn_like`` path; nothing persists).
 
-Reference code: sail-sg/Consistent3D ``threestudio/models/guidance/stable_diffusion_guidance.py``
-(``compute_grad_consistency``, ``get_rescaled_sample``, ``__call__``'s consistency branch,
-``update_step``, ``anneal_t``) and ``configs/consistency-coarse.yaml``; docs/guidance-spec.md §9.
+Reference code: sail-sg/Consistent3D @9118a5c,
+``threestudio/models/guidance/stable_diffusion_guidance.py`` (``configure``: ``self.noise``
+l. 163; ``compute_grad_consistency`` l. 309-421, with ε* l. 320-323, x_t l. 339-341, the ODE
+step l. 357-359, ``grad_latents`` and the loss l. 394-400; ``get_rescaled_sample`` l. 440-450;
+``__call__``'s (t, t_n) draw l. 575-580; ``update_step`` / ``anneal_t`` l. 884-917),
+``threestudio/systems/consistency.py`` (the guidance, hence ε*, is built once in ``on_fit_start``)
+and ``configs/consistency-*.yaml``; docs/guidance-spec.md §9. Checked line by line against that
+snapshot: same noise rule, x_t, ODE step, target, sign, weighting, clamping and (t, t_n) draw.
 Consistent3D forks threestudio's SDS code, so its CFG scale is convention B: 100 → 50 there
-is 101 → 51 here.
+is 101 → 51 here. The one deliberate difference: the reference keeps ε* as a plain attribute,
+so a resumed run redraws it; here it is saved.
+
+A property of the method (the reference computes the same g): g vanishes where the Euler step
+from x_t leaves ε̂ unchanged, not where x is data. For data N(μ, s² I) and exact ε̂ (CFG 1),
+g = c·(x + σ̃_t ε* − μ) with c > 0, so descent sends x to μ − σ̃_t ε*, off the data along −ε*
+(test_cds_fixed_point_on_gaussian_data_is_shifted_by_the_fixed_noise; the 2-D toy's drift).
 """
 
 from __future__ import annotations

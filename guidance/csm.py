@@ -204,6 +204,12 @@ class CSMBranch:
     name: str  # "cond", "negative", "null" (a subclass may add e.g. "image")
     embeds: Tensor  # [B, L, D] text embeddings for the B views
     weight: float  # coefficient a_k in g = w(t) Σ_k a_k ε_k
+    image: bool = False  # evaluated with the image prompt (VPCSM); text-only otherwise
+
+
+def _same_row(branch: CSMBranch, embeds: Tensor, image: bool) -> bool:
+    """True when ``branch`` is evaluated exactly as (``embeds``, with or without the image)."""
+    return branch.image == image and branch.embeds.shape == embeds.shape and torch.equal(branch.embeds, embeds)
 
 
 def merge_branches(branches: list[CSMBranch]) -> list[CSMBranch]:
@@ -213,8 +219,8 @@ def merge_branches(branches: list[CSMBranch]) -> list[CSMBranch]:
     merged: list[CSMBranch] = []
     for branch in branches:
         for i, kept in enumerate(merged):
-            if kept.embeds.shape == branch.embeds.shape and torch.equal(kept.embeds, branch.embeds):
-                merged[i] = CSMBranch(f"{kept.name}+{branch.name}", kept.embeds, kept.weight + branch.weight)
+            if _same_row(kept, branch.embeds, branch.image):
+                merged[i] = CSMBranch(f"{kept.name}+{branch.name}", kept.embeds, kept.weight + branch.weight, kept.image)
                 break
         else:
             merged.append(branch)
@@ -225,7 +231,7 @@ def find_or_add_row(branches: list[CSMBranch], name: str, embeds: Tensor) -> int
     """Index of the branch evaluated with exactly ``embeds``; appends a zero-weight branch
     ``name`` (evaluated, but not part of Σ a_k ε_k) when there is none."""
     for i, branch in enumerate(branches):
-        if branch.embeds.shape == embeds.shape and torch.equal(branch.embeds, embeds):
+        if _same_row(branch, embeds, False):
             return i
     branches.append(CSMBranch(name, embeds, 0.0))
     return len(branches) - 1

@@ -311,6 +311,43 @@ def test_cds_exact_update_rule(prior, embeds, monkeypatch, weighting_name):
     torch.testing.assert_close(out.grad_norm.double(), expected.norm(), rtol=1e-5, atol=1e-6)
 
 
+def test_cds_fixed_point_on_gaussian_data_is_shifted_by_the_fixed_noise():
+    """A property of CDS itself (Consistent3D's code computes the same g), not of this port: for
+    data N(μ, s² I) with the exact ε̂ (CFG 1), ε̂(z, σ̃) = σ̃ (z − μ)/(s² + σ̃²) in VE form, so
+    g = w (ε̂_t − ε̂_n) = c (z_t − μ), z_t = x + σ̃_t ε*, with
+    c = σ̃_t/(s² + σ̃_t²) − σ̃_n k/(s² + σ̃_n²) > 0, k = 1 + (σ̃_n − σ̃_t) σ̃_t/(s² + σ̃_t²).
+    Descent drives z_t, not x, to the data mean: the zero of g is x = μ − σ̃_t ε*, which is the
+    drift along −ε* that the toy particles show (tests/test_guidance_toy.py)."""
+    from dreamlab.priors.toy import GaussianMixturePrior, render_particles
+    from dreamlab.prompts import build_prompt_embeds
+
+    mu, s = torch.tensor([0.3, -0.2], dtype=torch.float64), 0.25
+    toy = GaussianMixturePrior(means=(tuple(mu.tolist()),), stds=(s,), weights=(1.0,))
+    # t_n = 400, t = t_n + end_gap = 500 for every view (perturb width of one timestep).
+    cfg = CDSConfig(guidance_scale=1.0, t_next=Constant(0.4), perturb_factor=0.001, grad_clip=None)
+    cfg.validate()
+    guidance = cfg.build(toy, PromptConfig())
+    eps_star = torch.tensor([0.8, -1.3], dtype=torch.float64)
+    guidance.load_state_dict({"noise": eps_star.float().view(2, 1, 1)})
+
+    abar = toy.alphas_cumprod.double()
+    sig_t, sig_n = [((1 - abar[k]) / abar[k]).sqrt().item() for k in (500, 400)]
+    offsets = torch.tensor([[0.0, 0.0], [0.5, 0.1], [-0.4, 0.7], [1.0, -1.0]], dtype=torch.float64)
+    x = mu - sig_t * eps_star + offsets  # row 0 is the predicted fixed point
+    rgb = render_particles(toy.to_pixels(x).float()).clone().requires_grad_()
+    embeds = build_prompt_embeds(toy, "a blob")
+    out = guidance(rgb, make_cams(4), embeds, 0.3, torch.Generator().manual_seed(0))
+    assert (out.timesteps == 500).all() and (out.aux.t_next == 400).all()
+
+    k = 1 + (sig_n - sig_t) * sig_t / (s**2 + sig_t**2)
+    c = sig_t / (s**2 + sig_t**2) - sig_n * k / (s**2 + sig_n**2)
+    assert c > 0
+    z_t = x + sig_t * eps_star
+    expected = c * (z_t - mu)  # uniform weighting
+    torch.testing.assert_close(out.aux.grad.double().view(4, 2), expected, rtol=1e-4, atol=1e-8)
+    assert out.aux.grad[0].abs().max() < 1e-7 < out.aux.grad[1:].abs().amax(dim=(1, 2, 3)).min()
+
+
 def test_cds_mix_weighting_switches_at_half(prior, embeds):
     cfg = CDSConfig(weighting="mix", grad_clip=None)
     cams = make_cams(2)

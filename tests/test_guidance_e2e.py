@@ -33,9 +33,24 @@ def prior() -> BuiltinPrior:
     return BuiltinPrior.from_pretrained()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def reference_png(tmp_path_factory):
+    """VPCSM's image prompt: the world's exact front render of the red cube (as the benchmark)."""
+    global REFERENCE
+    from dreamlab.bench.quality import write_reference_image
+    from dreamlab.world.catalog import parse_prompt
+
+    REFERENCE = str(write_reference_image(parse_prompt("a red cube"), tmp_path_factory.mktemp("ref") / "ref.png"))
+    return REFERENCE
+
+
+REFERENCE: str | None = None
+
+
 def _cfg(name: str, steps: int = STEPS):
     cfg = make_run_config("a red cube", guidance=name, steps=steps, gaussians=400, resolution=32,
-                          checkpoint_every=2, device="cpu")
+                          checkpoint_every=2, device="cpu",
+                          image_prompt=REFERENCE if name == "vpcsm" else None)
     cfg.train = dataclasses.replace(cfg.train, preview_every=0)
     return cfg
 

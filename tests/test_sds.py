@@ -227,9 +227,27 @@ def test_sds_view_mode_from_prompt_config(prior, embeds, monkeypatch):
 # ------------------------------------------------------------------------------ contract
 
 
+@pytest.fixture(scope="module")
+def image_prompt_prior(tmp_path_factory):
+    """The tiny SD prior (same weights as ``prior``) with a tiny IP-Adapter, and a reference PNG."""
+    from PIL import Image
+
+    from dreamlab.priors.testing import make_tiny_ip_adapter_folder
+
+    root = tmp_path_factory.mktemp("tiny_sd_ip")
+    loaded = StableDiffusionPrior.from_pretrained(make_tiny_sd_folder(root / "sd"), device="cpu")
+    loaded.load_ip_adapter(make_tiny_ip_adapter_folder(root / "ip", loaded.unet))
+    png = root / "reference.png"
+    Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy()).save(png)
+    return loaded, str(png)
+
+
 @pytest.mark.parametrize("name", list(GUIDANCES))
-def test_guidance_contract(prior, embeds, name):
+def test_guidance_contract(prior, embeds, image_prompt_prior, name):
     cfg = GUIDANCES[name]()
+    if name == "vpcsm":  # needs a reference image and a prior with an image-prompt path
+        prior, png = image_prompt_prior
+        cfg = dataclasses.replace(cfg, image_prompt=png)
     assert dataclasses.is_dataclass(cfg)
     cams = _cams(2)
 

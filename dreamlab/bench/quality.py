@@ -89,6 +89,34 @@ def render_truth(spec, cams: Cameras):
     )
 
 
+REFERENCE_VIEW = (15.0, 0.0)
+"""(elevation, azimuth) in degrees of VPCSM's reference image in the benchmark: the front view a
+user would photograph, from the evaluation orbit's distance and field of view."""
+
+
+def write_reference_image(spec, path: str | Path, resolution: int = 64) -> Path:
+    """Writes the exact front render of ``spec`` (white background) as a PNG, atomically: the
+    image prompt VPCSM gets in the benchmark (the issue: "the reference image is a ground-truth
+    render of an object")."""
+    import io
+
+    from PIL import Image
+
+    from dreamlab.export.atomic import atomic_write_bytes
+    from dreamlab.types import orbit_cameras
+
+    sampler = CameraSamplerConfig()
+    cams = orbit_cameras(
+        torch.tensor([REFERENCE_VIEW[0]]), torch.tensor([REFERENCE_VIEW[1]]),
+        torch.tensor([0.5 * sum(sampler.distance)]), torch.tensor([0.5 * sum(sampler.fov_y_deg)]),
+        resolution, resolution,
+    )
+    rgb = render_truth(spec, cams).rgb[0]
+    buffer = io.BytesIO()
+    Image.fromarray((rgb.clamp(0, 1) * 255.0).round().byte().numpy()).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 # ----------------------------------------------------------------------------- render metrics
 
 
@@ -373,7 +401,9 @@ def run_quality_bench(
     if eval_resolution < 8:
         raise ValueError(f"eval resolution must be >= 8 pixels, got {eval_resolution}")
     specs = [parse_prompt(p) for p in prompts]
-    # Settings errors (unknown guidance, bad steps) surface before the prior loads.
+    # Settings errors (unknown guidance, bad steps) surface before the prior loads. VPCSM's image
+    # prompt is each object's exact front render (write_reference_image).
+    needs_image = guidance == "vpcsm"
     make_run_config(
         prompts[0],
         prior="builtin",
@@ -382,6 +412,7 @@ def run_quality_bench(
         steps=steps,
         seed=seeds[0],
         device="cpu",
+        image_prompt="reference.png" if needs_image else None,
     )
     loaded, prior_name, preset = _load_prior(prior)
     loaded.encode_prompt(prompts)  # words the prior does not know fail before training
@@ -392,6 +423,9 @@ def run_quality_bench(
     rows: list[QualityRow] = []
     for prompt, spec in zip(prompts, specs):
         gt = render_truth(spec, cams)
+        reference = None
+        if needs_image:
+            reference = write_reference_image(spec, out / "image-prompts" / f"{spec.shape}-{spec.colour or 'plain'}.png")
         for seed in seeds:
             cfg = make_run_config(
                 prompt,
@@ -401,6 +435,7 @@ def run_quality_bench(
                 steps=steps,
                 seed=seed,
                 device="cpu",
+                image_prompt=None if reference is None else str(reference),
             )
             cfg.prior = prior_name
             cfg.train.preview_every = 0  # previews cost time and change nothing

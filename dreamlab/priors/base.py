@@ -87,9 +87,53 @@ class Prior(abc.ABC):
             "methods that train a LoRA on the prior (VSD, ESD) need a Stable Diffusion or the builtin prior"
         )
 
+    # ------------------------------------------------------------------ image prompts (VPCSM)
+
+    @property
+    def supports_image_prompt(self) -> bool:
+        """True when the prior carries an image-prompt adapter (IP-Adapter style)."""
+        return False
+
+    def image_prompt_help(self) -> str:
+        """Why this prior cannot take an image prompt, and what to do about it."""
+        return (
+            f"{type(self).__name__} has no image-prompt adapter; VPCSM needs the builtin prior with its "
+            "adapter (`dreamlab prior train-image-adapter`) or a Stable Diffusion prior loaded with an "
+            "IP-Adapter (`--vpcsm.ip-adapter h94/IP-Adapter` or a local folder in that layout)"
+        )
+
+    def encode_image_prompt(self, rgb: Tensor) -> Tensor:
+        """Reference images [N, 3, H, W] in [0, 1] -> image embeddings [N, E] (no gradient).
+        The all-zero embedding means "no image" (IP-Adapter's unconditional convention)."""
+        raise NotImplementedError(self.image_prompt_help())
+
+    def predict_eps_with_image(
+        self, x_t: Tensor, t: Tensor, embeds: Tensor, image_embeds: Tensor, scale: float = 1.0
+    ) -> Tensor:
+        """``predict_eps`` with the image prompt entering every cross-attention through decoupled
+        attention, ``h = Attn(Q, K_txt, V_txt) + scale · Attn(Q, K_img, V_img)``.
+
+        Args:
+            x_t, t, embeds: as in ``predict_eps``.
+            image_embeds: [B, E] per-row image embeddings from ``encode_image_prompt`` (zeros for
+                rows without the image).
+            scale: λ_ip of the decoupled attention (IP-Adapter's ``scale``; 0 ignores the image).
+        """
+        raise NotImplementedError(self.image_prompt_help())
+
     def parameters(self):  # noqa: D401 - iterate the frozen weights (tests check none need grad)
         """All weights of the frozen networks."""
         return iter(())
+
+
+def check_image_rows(x_t: Tensor, image_embeds: Tensor) -> None:
+    """Raises ValueError unless ``image_embeds`` is [B, E] for the B rows of ``x_t`` (diffusers'
+    IP-Adapter attention would otherwise silently reshape the tokens across rows)."""
+    if image_embeds.ndim != 2 or image_embeds.shape[0] != x_t.shape[0]:
+        raise ValueError(
+            f"predict_eps_with_image needs one image embedding per row: got {tuple(image_embeds.shape)} "
+            f"for {x_t.shape[0]} rows"
+        )
 
 
 @contextmanager

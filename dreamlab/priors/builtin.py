@@ -24,7 +24,8 @@ from torch import Tensor
 
 import dreamlab.assets
 
-from dreamlab.priors.base import Prior, add_to_time_embedding
+from dreamlab.priors.base import Prior, add_to_time_embedding, check_image_rows
+from dreamlab.priors.image_adapter import ADAPTER_DIR, ImagePromptAdapter
 from dreamlab.priors.stable_diffusion import PriorLoadError
 from dreamlab.world.catalog import UnknownWordError
 
@@ -181,6 +182,12 @@ class BuiltinPrior(Prior):
         self.unet.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
         self._cache: dict[str, Tensor] = {}
+        self.image_adapter = None  # ImagePromptAdapter, loaded with the weights when shipped
+
+    def attach_image_adapter(self, adapter) -> None:
+        """Gives the prior an image-prompt path (a :class:`~dreamlab.priors.image_adapter.ImagePromptAdapter`
+        built for this prior's U-Net), frozen."""
+        self.image_adapter = adapter.to(self.device).eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ construction / I/O
 
@@ -249,13 +256,52 @@ class BuiltinPrior(Prior):
         except Exception as err:  # noqa: BLE001 - any broken file means the prior is unusable
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
             raise PriorLoadError(f"the builtin prior in {folder} is damaged ({first}); reinstall or retrain it") from None
-        return cls(cfg, tokenizer, text_encoder, unet, scheduler, device)
+        prior = cls(cfg, tokenizer, text_encoder, unet, scheduler, device)
+        adapter_dir = folder / ADAPTER_DIR
+        if ImagePromptAdapter.is_adapter_folder(adapter_dir):
+            try:
+                prior.attach_image_adapter(ImagePromptAdapter.load(adapter_dir, prior.unet))
+            except ValueError as err:
+                raise PriorLoadError(str(err)) from None
+        return prior
 
     # ------------------------------------------------------------------ Prior interface
 
     def parameters(self):
         yield from self.unet.parameters()
         yield from self.text_encoder.parameters()
+        if self.image_adapter is not None:
+            yield from self.image_adapter.parameters()
+
+    @property
+    def supports_image_prompt(self) -> bool:
+        return self.image_adapter is not None
+
+    def image_prompt_help(self) -> str:
+        return (
+            "this builtin prior has no image-prompt adapter; train one with `dreamlab prior "
+            "train-image-adapter` (it is saved next to the prior's weights), or use a Stable "
+            "Diffusion prior with an IP-Adapter"
+        )
+
+    def encode_image_prompt(self, rgb: Tensor) -> Tensor:
+        if self.image_adapter is None:
+            raise NotImplementedError(self.image_prompt_help())
+        with torch.no_grad():
+            return self.image_adapter.embed(rgb.to(self.device, self.dtype)).float()
+
+    def predict_eps_with_image(
+        self, x_t: Tensor, t: Tensor, embeds: Tensor, image_embeds: Tensor, scale: float = 1.0
+    ) -> Tensor:
+        adapter = self.image_adapter
+        if adapter is None:
+            raise NotImplementedError(self.image_prompt_help())
+        check_image_rows(x_t, image_embeds)
+        adapter.set_scale(scale)
+        with adapter.attached(self.unet):
+            tokens = adapter.tokens(image_embeds.to(self.device, self.dtype))
+            return unet_eps(self.unet, self.cfg, x_t.to(self.device, self.dtype), t.to(self.device),
+                            embeds.to(self.device, self.dtype), image_tokens=tokens).float()
 
     def encode_prompt(self, texts: list[str]) -> Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
@@ -290,8 +336,13 @@ class BuiltinPrior(Prior):
                             embeds.to(self.device, self.dtype)).float()
 
 
-def unet_eps(unet, cfg: BuiltinPriorConfig, x_t: Tensor, t: Tensor, hidden: Tensor) -> Tensor:
+def unet_eps(
+    unet, cfg: BuiltinPriorConfig, x_t: Tensor, t: Tensor, hidden: Tensor, image_tokens: Tensor | None = None
+) -> Tensor:
     """The UNet's ε for token states ``hidden`` [B, T, W]; shared by training and inference so
-    both condition the same way (cross-attention, plus the pooled text when configured)."""
+    both condition the same way (cross-attention, plus the pooled text when configured).
+    ``image_tokens`` [B, K, W]: image-prompt tokens for decoupled cross-attention (the U-Net must
+    carry IP-Adapter processors, :meth:`ImagePromptAdapter.attached`)."""
     pooled = hidden.mean(dim=1) if cfg.pooled_text_conditioning else None
-    return unet(x_t, t, encoder_hidden_states=hidden, class_labels=pooled).sample
+    states = hidden if image_tokens is None else (hidden, [image_tokens])
+    return unet(x_t, t, encoder_hidden_states=states, class_labels=pooled).sample

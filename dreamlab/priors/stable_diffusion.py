@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dreamlab.priors.base import Prior, add_to_time_embedding
+from dreamlab.priors.base import Prior, add_to_time_embedding, check_image_rows
 
 #: Subfolders a diffusers Stable Diffusion folder must contain (next to model_index.json).
 REQUIRED_SUBFOLDERS: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -73,6 +73,45 @@ def check_diffusers_folder(path: Path) -> None:
         )
 
 
+def _clip_normalisation(source: str, subfolder: str, local_files_only: bool) -> tuple[list[float], list[float]]:
+    """(image_mean, image_std) from the encoder's ``preprocessor_config.json`` when it ships one,
+    else OpenAI CLIP's (what the h94 image encoders were trained with)."""
+    import json
+
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    config = Path(source).expanduser() / subfolder / "preprocessor_config.json"
+    if not config.is_file() and not Path(source).expanduser().exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(source, f"{subfolder}/preprocessor_config.json", local_files_only=local_files_only))
+        except Exception:  # noqa: BLE001 - no preprocessor config: CLIP's defaults
+            config = Path("/nonexistent")
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        return list(data.get("image_mean", OPENAI_CLIP_MEAN)), list(data.get("image_std", OPENAI_CLIP_STD))
+    return list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+
+
+def _read_ip_adapter_weights(file: Path) -> dict[str, dict[str, Tensor]]:
+    """IP-Adapter weights -> ``{"image_proj": {...}, "ip_adapter": {...}}`` (a ``.safetensors``
+    file stores them flat as ``image_proj.<key>`` / ``ip_adapter.<key>``; a ``.bin`` nested)."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: dict[str, dict[str, Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in load_file(str(file)).items():
+            head, _, rest = key.partition(".")
+            if head in state:
+                state[head][rest] = value
+        return state
+    loaded = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict) or "image_proj" not in loaded or "ip_adapter" not in loaded:
+        raise ValueError(f"{file.name} is not an IP-Adapter checkpoint (no image_proj / ip_adapter)")
+    return loaded
+
+
 class StableDiffusionPrior(Prior):
     """Frozen Stable Diffusion (latent space, 4 channels) exposing the Prior interface."""
 
@@ -100,6 +139,7 @@ class StableDiffusionPrior(Prior):
         self.image_size = int(self.unet.config.sample_size) * self.vae_scale_factor
         self._prompt_cache: dict[str, Tensor] = {}
         self._alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
+        self.image_adapter = None  # ImagePromptAdapter after load_ip_adapter (VPCSM)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -174,15 +214,95 @@ class StableDiffusionPrior(Prior):
             ) from err
         return cls(tokenizer, text_encoder, vae, unet, scheduler, device, dtype)
 
+    def load_ip_adapter(
+        self,
+        source: str | os.PathLike,
+        weight_name: str = "ip-adapter_sd15.safetensors",
+        subfolder: str = "models",
+        image_encoder_subfolder: str = "models/image_encoder",
+        local_files_only: bool = False,
+    ) -> None:
+        """Gives the prior an image-prompt path: a published IP-Adapter (Ye et al., 2023).
+
+        Args:
+            source: a hub repo in the ``h94/IP-Adapter`` layout, or a local folder with the same
+                layout: ``{subfolder}/{weight_name}`` (``.safetensors`` or ``.bin``) and a
+                ``CLIPVisionModelWithProjection`` in ``{image_encoder_subfolder}/``.
+            weight_name, subfolder, image_encoder_subfolder: where the files are inside ``source``.
+            local_files_only: never touch the network.
+        Raises:
+            PriorLoadError: files missing or unreadable, offline hub access, or weights that do
+                not fit this U-Net.
+        """
+        from transformers import CLIPVisionModelWithProjection
+
+        from dreamlab.priors.image_adapter import CLIPImageEmbedder, ImagePromptAdapter
+
+        where = Path(str(source)).expanduser()
+        try:
+            if where.exists():
+                weights = where / subfolder / weight_name
+                if not weights.is_file():
+                    raise PriorLoadError(f"IP-Adapter folder {where} has no {subfolder}/{weight_name}")
+                encoder_source, local_files_only = str(where), True
+            else:
+                from huggingface_hub import hf_hub_download
+
+                weights = Path(hf_hub_download(str(source), f"{subfolder}/{weight_name}", local_files_only=local_files_only))
+                encoder_source = str(source)
+            state = _read_ip_adapter_weights(weights)
+            vision = CLIPVisionModelWithProjection.from_pretrained(
+                encoder_source, subfolder=image_encoder_subfolder, local_files_only=local_files_only
+            )
+            mean, std = _clip_normalisation(encoder_source, image_encoder_subfolder, local_files_only)
+            encoder = CLIPImageEmbedder(_to(vision, self.device, self.dtype), mean, std)
+            adapter = ImagePromptAdapter.from_ip_adapter_weights(self.unet, state, encoder)
+        except PriorLoadError:
+            raise
+        except (OSError, ValueError, KeyError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PriorLoadError(
+                f"could not load the IP-Adapter from '{source}' ({first_line}); offline, pass a local folder "
+                f"with {subfolder}/{weight_name} and {image_encoder_subfolder}/"
+            ) from None
+        self.image_adapter = adapter.to(self.device).eval().requires_grad_(False)
+        # The projection and processors run in the U-Net's dtype; the encoder already does.
+        self.image_adapter.projection.to(self.dtype)
+        self.image_adapter.processors.to(self.dtype)
+
     # ----------------------------------------------------------------------------- Prior API
     @property
     def alphas_cumprod(self) -> Tensor:  # [T] float32 on self.device
         return self._alphas_cumprod
 
     def parameters(self):
-        """All frozen weights (text encoder, VAE, UNet)."""
+        """All frozen weights (text encoder, VAE, UNet, and the IP-Adapter when loaded)."""
         for module in (self.text_encoder, self.vae, self.unet):
             yield from module.parameters()
+        if self.image_adapter is not None:
+            yield from self.image_adapter.parameters()
+
+    @property
+    def supports_image_prompt(self) -> bool:
+        return self.image_adapter is not None
+
+    def encode_image_prompt(self, rgb: Tensor) -> Tensor:
+        if self.image_adapter is None:
+            raise NotImplementedError(self.image_prompt_help())
+        with torch.no_grad():
+            return self.image_adapter.embed(rgb.to(self.device)).float()
+
+    def predict_eps_with_image(
+        self, x_t: Tensor, t: Tensor, embeds: Tensor, image_embeds: Tensor, scale: float = 1.0
+    ) -> Tensor:
+        adapter = self.image_adapter
+        if adapter is None:
+            raise NotImplementedError(self.image_prompt_help())
+        check_image_rows(x_t, image_embeds)
+        adapter.set_scale(scale)
+        with adapter.attached(self.unet):
+            tokens = adapter.tokens(image_embeds.to(self.device, self.dtype))
+            return self._unet_eps(self.unet, x_t, t, embeds, image_tokens=tokens)
 
     @torch.no_grad()
     def encode_prompt(self, texts: list[str]) -> Tensor:
@@ -233,13 +353,16 @@ class StableDiffusionPrior(Prior):
         with add_to_time_embedding(unet, extra_class_emb):
             return self._unet_eps(unet, x_t, t, embeds)
 
-    def _unet_eps(self, unet, x_t: Tensor, t: Tensor, embeds: Tensor) -> Tensor:
+    def _unet_eps(self, unet, x_t: Tensor, t: Tensor, embeds: Tensor, image_tokens: Tensor | None = None) -> Tensor:
         assert x_t.shape[0] == t.shape[0] == embeds.shape[0], (x_t.shape, t.shape, embeds.shape)
         t = t.to(self.device).long()
+        states = embeds.to(device=self.device, dtype=self.dtype)
+        if image_tokens is not None:  # decoupled cross-attention (IP-Adapter processors attached)
+            states = (states, [image_tokens.to(device=self.device, dtype=self.dtype)])
         out = unet(
             x_t.to(device=self.device, dtype=self.dtype),
             t,
-            encoder_hidden_states=embeds.to(device=self.device, dtype=self.dtype),
+            encoder_hidden_states=states,
         ).sample.float()
         if self.prediction_type == "v_prediction":
             abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)

@@ -197,3 +197,42 @@ def make_tiny_sd_folder(
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_ip_adapter_folder(
+    path: str | os.PathLike, unet, seed: int = 0, weight_name: str = "ip-adapter_sd15.safetensors"
+) -> Path:
+    """Writes a random IP-Adapter for ``unet`` in the ``h94/IP-Adapter`` layout and returns ``path``:
+    ``models/{weight_name}`` (flat ``image_proj.*`` / ``ip_adapter.{2k+1}.to_{k,v}_ip.weight``
+    keys, as the published files) and a tiny ``CLIPVisionModelWithProjection`` in
+    ``models/image_encoder/``. Loads with ``StableDiffusionPrior.load_ip_adapter(path)``."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    path = Path(path)
+    cross = int(unet.config.cross_attention_dim)
+    embed_dim, tokens = 16, 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vision = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8, projection_dim=embed_dim)
+        )
+        state = {
+            "image_proj.proj.weight": torch.randn(tokens * cross, embed_dim) * 0.1,
+            "image_proj.proj.bias": torch.zeros(tokens * cross),
+            "image_proj.norm.weight": torch.ones(cross),
+            "image_proj.norm.bias": torch.zeros(cross),
+        }
+        key = 1
+        for name in unet.attn_processors:
+            if name.endswith("attn2.processor"):
+                attn = unet.get_submodule(name[: -len(".processor")])
+                hidden = attn.to_k.out_features
+                state[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.1
+                state[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.1
+                key += 2
+    (path / "models").mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "models" / weight_name))
+    vision.save_pretrained(path / "models" / "image_encoder", safe_serialization=True)
+    return path

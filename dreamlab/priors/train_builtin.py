@@ -25,7 +25,7 @@ from dreamlab.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dreamlab.export.atomic import atomic_write, atomic_write_text
+from dreamlab.export.atomic import atomic_write_text
 from dreamlab.priors.builtin import (
     ASSET_DIR,
     BuiltinPrior,
@@ -34,7 +34,7 @@ from dreamlab.priors.builtin import (
     build_networks,
     unet_eps,
 )
-from dreamlab.world.dataset import WorldCache, WorldDataConfig, build_world_cache, sample_batch
+from dreamlab.world.dataset import WorldCache, WorldDataConfig, load_or_build_world_cache, sample_batch
 
 
 PRIOR_CHECKPOINT_KEYS = ("step", "unet", "text_encoder", "ema_unet", "ema_text", "optimizer", "generator")
@@ -128,15 +128,7 @@ class BuiltinPriorTrainer:
         self.last_loss = float("nan")
 
     def _load_or_build_cache(self, progress) -> WorldCache:
-        path = self.work_dir / f"world-cache-{self.cfg.data.cache_key()}.pt"
-        if path.is_file():
-            cache = WorldCache.load(path)
-            cache.check_compatible(self.cfg.data)
-            return cache
-        cache = build_world_cache(self.cfg.data, progress_callback=progress)
-        with atomic_write(path) as tmp:
-            cache.save(tmp)
-        return cache
+        return load_or_build_world_cache(self.cfg.data, self.work_dir, progress)
 
     # ------------------------------------------------------------------ checkpoints
 

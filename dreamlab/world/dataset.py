@@ -394,6 +394,31 @@ class WorldBatch:
     index: Tensor  # [B] long: rows of the cache
 
 
+def render_cached_views(cache: WorldCache, index: Tensor, albedo: Tensor, background) -> Tensor:
+    """Images [B, 3, H, W] in [0, 1] of cache rows ``index`` painted with per-part ``albedo``
+    [B, MAX_PARTS, 3], composited on ``background``."""
+    part = cache.part[index].long()
+    shading = cache.shading[index].float() * (1.0 / 255.0)
+    rgb = colourize(shading, part, albedo, background)  # [B, kH, kW, 3]
+    return pool(rgb, cache.supersample).permute(0, 3, 1, 2).contiguous()
+
+
+def load_or_build_world_cache(cfg: WorldDataConfig, work_dir: str | Path, progress=None) -> WorldCache:
+    """The view cache of ``cfg`` kept in ``work_dir`` (rendered and saved atomically when absent)."""
+    from dreamlab.export.atomic import atomic_write
+
+    path = Path(work_dir) / f"world-cache-{cfg.cache_key()}.pt"
+    if path.is_file():
+        cache = WorldCache.load(path)
+        cache.check_compatible(cfg)
+        return cache
+    cache = build_world_cache(cfg, progress_callback=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        cache.save(tmp)
+    return cache
+
+
 def sample_batch_detailed(
     cache: WorldCache,
     cfg: WorldDataConfig,
@@ -433,10 +458,7 @@ def _sample_batch_detailed(
     column = torch.where(coloured, colour + 1, torch.zeros_like(colour))
     albedo = albedo_table()[shape, column]  # [B, MAX_PARTS, 3]
 
-    part = cache.part[index].long()
-    shading = cache.shading[index].float() * (1.0 / 255.0)
-    rgb = colourize(shading, part, albedo, cfg.background)  # [B, kH, kW, 3]
-    images = pool(rgb, cache.supersample).permute(0, 3, 1, 2).contiguous()
+    images = render_cached_views(cache, index, albedo, cfg.background)
 
     view = view_direction_index(
         cache.elevation_deg[index],
