@@ -372,8 +372,28 @@ def export(args: ExportArgs) -> int:
     return 0
 
 
+def _train_and_export(trainer, args, total: int, desc: str, out: Path, what: str) -> int:
+    """Resumes (with ``args.resume``), trains under a progress bar, exports to ``out``."""
+    from dreamlab.checkpoint import CheckpointError
+
+    if args.resume:
+        try:
+            used = trainer.resume()
+        except CheckpointError as err:
+            raise UserError(str(err)) from None
+        _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else "dreamlab: no checkpoint, starting fresh")
+    started = time.perf_counter()
+    code = _drive(trainer, total, desc, args.quiet,
+                  lambda bar, report: bar.set_postfix(loss=f"{report.loss:.4f}"), trainer.save_checkpoint)
+    if code != 0:
+        return code
+    written = trainer.export(out, training_seconds=time.perf_counter() - started)
+    _say(f"dreamlab: {what} written to {written}")
+    return 0
+
+
 def train_builtin(args: TrainBuiltinArgs) -> int:
-    from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint
+    from dreamlab.checkpoint import find_latest_checkpoint
     from dreamlab.priors.builtin import ASSET_DIR
     from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
 
@@ -391,24 +411,11 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
         raise UserError(f"{args.work_dir} already holds training checkpoints: pass --resume, or use another --work-dir")
     _say("dreamlab: rendering the world's training views (cached in --work-dir)")
     trainer = BuiltinPriorTrainer(cfg, args.work_dir)
-    if args.resume:
-        try:
-            used = trainer.resume()
-        except CheckpointError as err:
-            raise UserError(str(err)) from None
-        _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else "dreamlab: no checkpoint, starting fresh")
-    started = time.perf_counter()
-    code = _drive(trainer, cfg.steps, "training prior", args.quiet,
-                  lambda bar, report: bar.set_postfix(loss=f"{report.loss:.4f}"), trainer.save_checkpoint)
-    if code != 0:
-        return code
-    folder = trainer.export(out, training_seconds=time.perf_counter() - started)
-    _say(f"dreamlab: builtin prior written to {folder}")
-    return 0
+    return _train_and_export(trainer, args, cfg.steps, "training prior", out, "builtin prior")
 
 
 def train_image_adapter(args: TrainImageAdapterArgs) -> int:
-    from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint
+    from dreamlab.checkpoint import find_latest_checkpoint
     from dreamlab.priors import PriorLoadError
     from dreamlab.priors.builtin import ASSET_DIR, BuiltinPrior
     from dreamlab.priors.train_image_adapter import ImageAdapterTrainConfig, ImageAdapterTrainer
@@ -429,20 +436,7 @@ def train_image_adapter(args: TrainImageAdapterArgs) -> int:
         raise UserError(f"{args.work_dir} already holds image-adapter checkpoints: pass --resume, or use another --work-dir")
     _say("dreamlab: loading the world's training views (cached in --work-dir)")
     trainer = ImageAdapterTrainer(cfg, args.work_dir, prior)
-    if args.resume:
-        try:
-            used = trainer.resume()
-        except CheckpointError as err:
-            raise UserError(str(err)) from None
-        _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else "dreamlab: no checkpoint, starting fresh")
-    started = time.perf_counter()
-    code = _drive(trainer, cfg.steps, "training image adapter", args.quiet,
-                  lambda bar, report: bar.set_postfix(loss=f"{report.loss:.4f}"), trainer.save_checkpoint)
-    if code != 0:
-        return code
-    written = trainer.export(folder, training_seconds=time.perf_counter() - started)
-    _say(f"dreamlab: image-prompt adapter written to {written}")
-    return 0
+    return _train_and_export(trainer, args, cfg.steps, "training image adapter", folder, "image-prompt adapter")
 
 
 COMMAND_GROUPS = {

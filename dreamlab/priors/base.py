@@ -89,10 +89,13 @@ class Prior(abc.ABC):
 
     # ------------------------------------------------------------------ image prompts (VPCSM)
 
+    #: ImagePromptAdapter (dreamlab.priors.image_adapter) when the prior has an image-prompt path.
+    image_adapter = None
+
     @property
     def supports_image_prompt(self) -> bool:
         """True when the prior carries an image-prompt adapter (IP-Adapter style)."""
-        return False
+        return self.image_adapter is not None
 
     def image_prompt_help(self) -> str:
         """Why this prior cannot take an image prompt, and what to do about it."""
@@ -105,7 +108,10 @@ class Prior(abc.ABC):
     def encode_image_prompt(self, rgb: Tensor) -> Tensor:
         """Reference images [N, 3, H, W] in [0, 1] -> image embeddings [N, E] (no gradient).
         The all-zero embedding means "no image" (IP-Adapter's unconditional convention)."""
-        raise NotImplementedError(self.image_prompt_help())
+        if self.image_adapter is None:
+            raise NotImplementedError(self.image_prompt_help())
+        with torch.no_grad():
+            return self.image_adapter.embed(rgb.to(self.device)).float()
 
     def predict_eps_with_image(
         self, x_t: Tensor, t: Tensor, embeds: Tensor, image_embeds: Tensor, scale: float = 1.0
@@ -119,6 +125,17 @@ class Prior(abc.ABC):
                 rows without the image).
             scale: λ_ip of the decoupled attention (IP-Adapter's ``scale``; 0 ignores the image).
         """
+        adapter = self.image_adapter
+        if adapter is None:
+            raise NotImplementedError(self.image_prompt_help())
+        check_image_rows(x_t, image_embeds)
+        adapter.set_scale(scale)
+        with adapter.attached(self.unet):
+            tokens = adapter.tokens(image_embeds.to(self.device, self.dtype))
+            return self._eps_with_image_tokens(x_t, t, embeds, tokens)
+
+    def _eps_with_image_tokens(self, x_t: Tensor, t: Tensor, embeds: Tensor, tokens: Tensor) -> Tensor:
+        """``predict_eps`` with ``encoder_hidden_states = (text, [tokens])`` (adapter attached)."""
         raise NotImplementedError(self.image_prompt_help())
 
     def parameters(self):  # noqa: D401 - iterate the frozen weights (tests check none need grad)

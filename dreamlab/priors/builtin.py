@@ -24,7 +24,7 @@ from torch import Tensor
 
 import dreamlab.assets
 
-from dreamlab.priors.base import Prior, add_to_time_embedding, check_image_rows
+from dreamlab.priors.base import Prior, add_to_time_embedding
 from dreamlab.priors.image_adapter import ADAPTER_DIR, ImagePromptAdapter
 from dreamlab.priors.stable_diffusion import PriorLoadError
 from dreamlab.world.catalog import UnknownWordError
@@ -273,35 +273,12 @@ class BuiltinPrior(Prior):
         if self.image_adapter is not None:
             yield from self.image_adapter.parameters()
 
-    @property
-    def supports_image_prompt(self) -> bool:
-        return self.image_adapter is not None
-
     def image_prompt_help(self) -> str:
         return (
             "this builtin prior has no image-prompt adapter; train one with `dreamlab prior "
             "train-image-adapter` (it is saved next to the prior's weights), or use a Stable "
             "Diffusion prior with an IP-Adapter"
         )
-
-    def encode_image_prompt(self, rgb: Tensor) -> Tensor:
-        if self.image_adapter is None:
-            raise NotImplementedError(self.image_prompt_help())
-        with torch.no_grad():
-            return self.image_adapter.embed(rgb.to(self.device, self.dtype)).float()
-
-    def predict_eps_with_image(
-        self, x_t: Tensor, t: Tensor, embeds: Tensor, image_embeds: Tensor, scale: float = 1.0
-    ) -> Tensor:
-        adapter = self.image_adapter
-        if adapter is None:
-            raise NotImplementedError(self.image_prompt_help())
-        check_image_rows(x_t, image_embeds)
-        adapter.set_scale(scale)
-        with adapter.attached(self.unet):
-            tokens = adapter.tokens(image_embeds.to(self.device, self.dtype))
-            return unet_eps(self.unet, self.cfg, x_t.to(self.device, self.dtype), t.to(self.device),
-                            embeds.to(self.device, self.dtype), image_tokens=tokens).float()
 
     def encode_prompt(self, texts: list[str]) -> Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
@@ -321,6 +298,10 @@ class BuiltinPrior(Prior):
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         return ((latents.float() + 1.0) * 0.5).clamp(0.0, 1.0)
+
+    def _eps_with_image_tokens(self, x_t: Tensor, t: Tensor, embeds: Tensor, tokens: Tensor) -> Tensor:
+        return unet_eps(self.unet, self.cfg, x_t.to(self.device, self.dtype), t.to(self.device),
+                        embeds.to(self.device, self.dtype), image_tokens=tokens).float()
 
     def predict_eps(self, x_t: Tensor, t: Tensor, embeds: Tensor) -> Tensor:
         return unet_eps(self.unet, self.cfg, x_t.to(self.device, self.dtype), t.to(self.device),

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dreamlab.priors.base import Prior, add_to_time_embedding, check_image_rows
+from dreamlab.priors.base import Prior, add_to_time_embedding
 
 #: Subfolders a diffusers Stable Diffusion folder must contain (next to model_index.json).
 REQUIRED_SUBFOLDERS: tuple[str, ...] = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -282,27 +282,8 @@ class StableDiffusionPrior(Prior):
         if self.image_adapter is not None:
             yield from self.image_adapter.parameters()
 
-    @property
-    def supports_image_prompt(self) -> bool:
-        return self.image_adapter is not None
-
-    def encode_image_prompt(self, rgb: Tensor) -> Tensor:
-        if self.image_adapter is None:
-            raise NotImplementedError(self.image_prompt_help())
-        with torch.no_grad():
-            return self.image_adapter.embed(rgb.to(self.device)).float()
-
-    def predict_eps_with_image(
-        self, x_t: Tensor, t: Tensor, embeds: Tensor, image_embeds: Tensor, scale: float = 1.0
-    ) -> Tensor:
-        adapter = self.image_adapter
-        if adapter is None:
-            raise NotImplementedError(self.image_prompt_help())
-        check_image_rows(x_t, image_embeds)
-        adapter.set_scale(scale)
-        with adapter.attached(self.unet):
-            tokens = adapter.tokens(image_embeds.to(self.device, self.dtype))
-            return self._unet_eps(self.unet, x_t, t, embeds, image_tokens=tokens)
+    def _eps_with_image_tokens(self, x_t: Tensor, t: Tensor, embeds: Tensor, tokens: Tensor) -> Tensor:
+        return self._unet_eps(self.unet, x_t, t, embeds, image_tokens=tokens)
 
     @torch.no_grad()
     def encode_prompt(self, texts: list[str]) -> Tensor:

@@ -94,7 +94,9 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.
     return snr.clamp(max=gamma) / snr
 
 
-def _lr_factor(step: int, cfg: BuiltinTrainConfig) -> float:
+def lr_factor(step: int, cfg) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``cfg.warmup_steps``, then cosine
+    decay to 10% at ``cfg.steps`` (any config with those two fields)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -181,7 +183,7 @@ class BuiltinPriorTrainer:
         x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.learning_rate * _lr_factor(self.step, cfg)
+            group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg)
         self.unet.train()
         self.text_encoder.train()
         hidden = self.text_encoder(input_ids=self.tokenizer(captions)).last_hidden_state

@@ -25,7 +25,7 @@ from dreamlab.checkpoint import find_latest_checkpoint, load_checkpoint, prune_c
 from dreamlab.export.atomic import atomic_write_text
 from dreamlab.priors.builtin import ASSET_DIR, BuiltinPrior, unet_eps
 from dreamlab.priors.image_adapter import ADAPTER_DIR, ImageAdapterConfig, ImagePromptAdapter
-from dreamlab.priors.train_builtin import PriorTrainReport, min_snr_weights
+from dreamlab.priors.train_builtin import PriorTrainReport, lr_factor, min_snr_weights
 from dreamlab.world.catalog import COLOURS
 from dreamlab.world.dataset import (
     WorldDataConfig,
@@ -71,15 +71,6 @@ class ImageAdapterTrainConfig:
         if not self.learning_rate > 0:
             raise ValueError("learning_rate must be > 0")
         self.adapter.validate()
-
-
-def _lr_factor(step: int, cfg: ImageAdapterTrainConfig) -> float:
-    import math
-
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class ImageAdapterTrainer:
@@ -167,7 +158,7 @@ class ImageAdapterTrainer:
         x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.learning_rate * _lr_factor(self.step, cfg)
+            group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg)
         self.adapter.train()
         with torch.no_grad():
             hidden = prior.encode_prompt(captions)
