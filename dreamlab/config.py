@@ -314,6 +314,38 @@ def config_from_json(text: str) -> RunConfig:
     return cfg
 
 
+def _same_settings(stored, current, default) -> bool:
+    """Deep comparison of fingerprint data; a key ``stored`` lacks (a setting added to dreamlab
+    after the checkpoint was written) matches when ``current`` holds that setting's default."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        default = default if isinstance(default, dict) else {}
+        for key, value in current.items():
+            if key in stored:
+                if not _same_settings(stored[key], value, default.get(key)):
+                    return False
+            elif key not in default or value != default[key]:
+                return False
+        return all(key in current for key in stored)
+    return stored == current
+
+
+def fingerprint_matches(stored: str, cfg: RunConfig) -> bool:
+    """True when a checkpoint's fingerprint ``stored`` is this run's (:func:`training_fingerprint`),
+    tolerating settings added after the checkpoint was written as long as they are at their
+    defaults here: a dreamlab upgrade that adds an option does not orphan existing runs."""
+    current = training_fingerprint(cfg)
+    if stored == current:
+        return True
+    try:
+        old = json.loads(stored)
+    except ValueError:
+        return False
+    defaults = RunConfig(
+        prompt=cfg.prompt, guidance=type(cfg.guidance)(), renderer=type(cfg.renderer)(),
+    )
+    return _same_settings(old, json.loads(current), json.loads(training_fingerprint(defaults)))
+
+
 def training_fingerprint(cfg: RunConfig) -> str:
     """JSON of everything that changes the optimisation (not export settings or device).
 

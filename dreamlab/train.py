@@ -34,7 +34,7 @@ from dreamlab.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dreamlab.config import RunConfig, config_to_json, training_fingerprint
+from dreamlab.config import RunConfig, config_to_json, fingerprint_matches, training_fingerprint
 from dreamlab.priors import load_prior
 from dreamlab.priors.base import Prior
 from dreamlab.prompts import build_prompt_embeds
@@ -189,7 +189,7 @@ class Trainer:
             if path is None:
                 return None
         state = load_checkpoint(path)
-        if state["fingerprint"] != training_fingerprint(self.cfg):
+        if not fingerprint_matches(state["fingerprint"], self.cfg):
             raise CheckpointError(
                 f"{path} was written by a run with different settings (prompt, seed, steps, "
                 "guidance or renderer); resume with the same settings, or use another --out"

@@ -79,6 +79,24 @@ def test_resume_refuses_a_different_run(prior, tmp_path):
         Trainer(other, prior=prior, run_dir=tmp_path).resume()
 
 
+def test_checkpoint_from_before_a_new_option_still_resumes(tmp_path):
+    """A dreamlab upgrade that adds a setting must not orphan existing runs: a fingerprint that
+    lacks the new key matches when the run keeps the default, and not when it changes it."""
+    import json
+
+    from dreamlab.config import fingerprint_matches, training_fingerprint
+
+    cfg = _cfg()
+    old = json.loads(training_fingerprint(cfg))
+    del old["guidance"]["perp_neg"]  # as written by a version without Perp-Neg
+    assert fingerprint_matches(json.dumps(old, sort_keys=True), cfg)
+    changed = dataclasses.replace(cfg, guidance=dataclasses.replace(cfg.guidance, perp_neg=True))
+    assert not fingerprint_matches(json.dumps(old, sort_keys=True), changed)
+    old["guidance"]["retired_option"] = 1  # a setting this version no longer has
+    assert not fingerprint_matches(json.dumps(old, sort_keys=True), cfg)
+    assert not fingerprint_matches("not json", cfg)
+
+
 def test_non_finite_loss_skips_the_step_and_keeps_parameters_finite(prior, monkeypatch):
     trainer = Trainer(_cfg(steps=4), prior=prior)
     real_guidance = trainer.guidance
