@@ -121,7 +121,7 @@ class TrainBuiltinArgs:
 @dataclass
 class TrainImageAdapterArgs:
     """Train the builtin prior's image-prompt adapter (IP-Adapter style; VPCSM needs it) on the
-    world's renders, with the prior frozen (CPU: ~15 minutes)."""
+    world's renders, with the prior frozen (CPU: ~20 minutes on 2 cores)."""
 
     steps: int = 2000
     """Optimisation steps (batch 32)."""

@@ -103,7 +103,43 @@ def lr_factor(step: int, cfg) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class BuiltinPriorTrainer:
+class CheckpointedTraining:
+    """Atomic checkpoints and resume for a training loop holding ``work_dir``, ``step``,
+    ``generator`` and ``last_loss``: subclasses name their sub-folder, required keys and the
+    objects with a ``state_dict`` (modules, optimiser) to save."""
+
+    checkpoint_subdir: str
+    checkpoint_keys: tuple[str, ...]
+
+    def modules_to_checkpoint(self) -> dict:
+        raise NotImplementedError
+
+    def _checkpoint_dir(self) -> Path:
+        return self.work_dir / self.checkpoint_subdir
+
+    def save_checkpoint(self) -> Path:
+        state = {name: module.state_dict() for name, module in self.modules_to_checkpoint().items()}
+        state.update(step=self.step, generator=self.generator.get_state(), last_loss=self.last_loss)
+        path = self._checkpoint_dir() / f"step_{self.step:07d}.pt"
+        save_checkpoint(state, path)
+        prune_checkpoints(self._checkpoint_dir(), keep=2)
+        return path
+
+    def resume(self) -> Path | None:
+        """Restores the newest checkpoint; None when there is none. CheckpointError if unusable."""
+        path = find_latest_checkpoint(self._checkpoint_dir())
+        if path is None:
+            return None
+        state = load_checkpoint(path, required=self.checkpoint_keys)
+        for name, module in self.modules_to_checkpoint().items():
+            module.load_state_dict(state[name])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.last_loss = float(state.get("last_loss", float("nan")))
+        return path
+
+
+class BuiltinPriorTrainer(CheckpointedTraining):
     """Iterate to train; ``export(folder)`` writes the EMA weights as a loadable prior."""
 
     def __init__(self, cfg: BuiltinTrainConfig, work_dir: Path, cache: WorldCache | None = None,
@@ -134,39 +170,12 @@ class BuiltinPriorTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_dir(self) -> Path:
-        return self.work_dir / "checkpoints"
+    checkpoint_subdir = "checkpoints"
+    checkpoint_keys = PRIOR_CHECKPOINT_KEYS
 
-    def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "unet": self.unet.state_dict(),
-            "text_encoder": self.text_encoder.state_dict(),
-            "ema_unet": self.ema_unet.state_dict(),
-            "ema_text": self.ema_text.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "last_loss": self.last_loss,
-        }
-        path = self._checkpoint_dir() / f"step_{self.step:07d}.pt"
-        save_checkpoint(state, path)
-        prune_checkpoints(self._checkpoint_dir(), keep=2)
-        return path
-
-    def resume(self) -> Path | None:
-        path = find_latest_checkpoint(self._checkpoint_dir())
-        if path is None:
-            return None
-        state = load_checkpoint(path, required=PRIOR_CHECKPOINT_KEYS)  # CheckpointError if unusable
-        self.unet.load_state_dict(state["unet"])
-        self.text_encoder.load_state_dict(state["text_encoder"])
-        self.ema_unet.load_state_dict(state["ema_unet"])
-        self.ema_text.load_state_dict(state["ema_text"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.step = int(state["step"])
-        self.last_loss = float(state.get("last_loss", float("nan")))
-        return path
+    def modules_to_checkpoint(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "ema_unet": self.ema_unet,
+                "ema_text": self.ema_text, "optimizer": self.optimizer}
 
     # ------------------------------------------------------------------ the loop
 

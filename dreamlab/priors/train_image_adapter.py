@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dreamlab.checkpoint import find_latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from dreamlab.export.atomic import atomic_write_text
 from dreamlab.priors.builtin import ASSET_DIR, BuiltinPrior, unet_eps
 from dreamlab.priors.image_adapter import ADAPTER_DIR, ImageAdapterConfig, ImagePromptAdapter
-from dreamlab.priors.train_builtin import PriorTrainReport, lr_factor, min_snr_weights
+from dreamlab.priors.train_builtin import CheckpointedTraining, PriorTrainReport, lr_factor, min_snr_weights
 from dreamlab.world.catalog import COLOURS
 from dreamlab.world.dataset import (
     WorldDataConfig,
@@ -73,7 +72,7 @@ class ImageAdapterTrainConfig:
         self.adapter.validate()
 
 
-class ImageAdapterTrainer:
+class ImageAdapterTrainer(CheckpointedTraining):
     """Iterate to train; ``export(folder)`` writes the adapter next to the prior's weights."""
 
     def __init__(self, cfg: ImageAdapterTrainConfig, work_dir: Path, prior: BuiltinPrior,
@@ -97,35 +96,11 @@ class ImageAdapterTrainer:
         self.step = 0
         self.last_loss = float("nan")
 
-    # ------------------------------------------------------------------ checkpoints
+    checkpoint_subdir = "image-adapter-checkpoints"
+    checkpoint_keys = ADAPTER_CHECKPOINT_KEYS
 
-    def _checkpoint_dir(self) -> Path:
-        return self.work_dir / "image-adapter-checkpoints"
-
-    def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "adapter": self.adapter.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "last_loss": self.last_loss,
-        }
-        path = self._checkpoint_dir() / f"step_{self.step:07d}.pt"
-        save_checkpoint(state, path)
-        prune_checkpoints(self._checkpoint_dir(), keep=2)
-        return path
-
-    def resume(self) -> Path | None:
-        path = find_latest_checkpoint(self._checkpoint_dir())
-        if path is None:
-            return None
-        state = load_checkpoint(path, required=ADAPTER_CHECKPOINT_KEYS)
-        self.adapter.load_state_dict(state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.step = int(state["step"])
-        self.last_loss = float(state.get("last_loss", float("nan")))
-        return path
+    def modules_to_checkpoint(self) -> dict:
+        return {"adapter": self.adapter, "optimizer": self.optimizer}
 
     # ------------------------------------------------------------------ the loop
 
