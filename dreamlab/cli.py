@@ -445,34 +445,38 @@ COMMAND_GROUPS = {
 }
 
 
-def guidance_from_argv(argv: list[str]) -> str:
-    """The value of ``--guidance`` in ``argv`` (``"sds"`` when absent), before tyro parses it."""
+def guidance_from_argv(argv: list[str], default: str | None = None) -> str:
+    """The value of ``--guidance`` in ``argv`` (the default, sds, when absent), before tyro parses it."""
     for index, arg in enumerate(argv):
         if arg == "--guidance" and index + 1 < len(argv):
             return argv[index + 1]
         if arg.startswith("--guidance="):
             return arg.split("=", 1)[1]
-    return GenerateArgs.guidance
+    return GenerateArgs.guidance if default is None else default
 
 
-def generate_args_with_guidance_options(method: str) -> type:
-    """GenerateArgs plus ``--<method>.<field>`` options of the chosen guidance (its own help text).
-
-    An unknown method gets plain GenerateArgs; build_run_config then names the known ones.
+def args_with_guidance_options(base: type, method: str) -> type:
+    """``base`` (a command's dataclass) plus ``--<method>.<field>`` options of the chosen guidance
+    (its own help text). An unknown method gets plain ``base``; the command then names the known ones.
     """
     from dreamlab.guidance import GUIDANCES
     from dreamlab.guidance.options import options_type
 
     if method not in GUIDANCES:
-        return GenerateArgs
+        return base
     options = options_type(method, GUIDANCES[method])
     made = dataclasses.make_dataclass(
-        "GenerateArgs",
+        base.__name__,
         [(method, options, dataclasses.field(default_factory=options))],
-        bases=(GenerateArgs,),
+        bases=(base,),
     )
-    made.__doc__ = GenerateArgs.__doc__
+    made.__doc__ = base.__doc__
     return made
+
+
+def generate_args_with_guidance_options(method: str) -> type:
+    """GenerateArgs plus the chosen guidance's ``--<method>.<field>`` options."""
+    return args_with_guidance_options(GenerateArgs, method)
 
 
 def _parse(argv: list[str]):
@@ -484,6 +488,10 @@ def _parse(argv: list[str]):
                          "BenchPriorArgs": BenchPriorArgs,
                          "BenchQualityArgs": BenchQualityArgs}
         group = {name: types_by_name[t] for name, t in COMMAND_GROUPS[argv[0]].items()}
+        if argv[0] == "bench" and len(argv) > 1 and argv[1] == "quality":  # + the method's options
+            group["quality"] = args_with_guidance_options(
+                BenchQualityArgs, guidance_from_argv(argv[2:], BenchQualityArgs.guidance)
+            )
         return tyro.extras.subcommand_cli_from_dict(group, args=argv[1:], prog=f"dreamlab {argv[0]}")
     generate_type = GenerateArgs
     if argv and argv[0] == "generate":

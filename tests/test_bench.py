@@ -497,3 +497,16 @@ def test_cli_args_parse_with_tyro_and_bench_prior_runs(tmp_path, capsys, monkeyp
     printed = capsys.readouterr().out
     assert "a red cube" in printed and "prior_bench.png" in printed
     assert (tmp_path / "out" / "prior_bench.csv").is_file()
+
+
+def test_bench_quality_takes_the_methods_own_options(tmp_path):
+    from dreamlab.cli import main
+
+    out = tmp_path / "q"
+    code = main(["bench", "quality", "--prompts", "a red cube", "--guidance", "sds", "--sds.perp-neg", "True",
+                 "--sds.guidance-scale", "5", "--steps", "1", "--no-mesh", "--out", str(out)])
+    assert code == 0
+    settings = (out / "quality.md").read_text()
+    assert "sds.perp_neg True" in settings and "sds.guidance_scale 5.0" in settings
+    assert main(["bench", "quality", "--prompts", "a red cube", "--guidance", "sds", "--sds.perp-neg-scale",
+                 "nan", "--steps", "1", "--no-mesh", "--out", str(out)]) != 0

@@ -57,6 +57,8 @@ class BenchQualityArgs:
     """Folder for quality.md, quality.csv and quality.png."""
     no_mesh: bool = False
     """Skip the mesh extraction and its checks (genus, texture colour, export time)."""
+    # `--<guidance>.<field> VALUE` options of the chosen method are added at parse time
+    # (dreamlab.cli.args_with_guidance_options), as for `dreamlab generate`.
 
 
 def _check_prompts(prompts: tuple[str, ...] | None) -> list[str]:
@@ -116,6 +118,7 @@ def bench_quality(args: BenchQualityArgs) -> int:
     result = run_quality_bench(
         prompts,
         guidance=args.guidance,
+        guidance_options=getattr(args, args.guidance, None),
         renderer=args.renderer,
         steps=args.steps,
         seeds=args.seeds,

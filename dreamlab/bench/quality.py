@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -371,6 +371,7 @@ def run_quality_bench(
     eval_resolution: int = 64,
     export_mesh: bool = True,
     export_cfg=None,
+    guidance_options=None,
 ) -> QualityBenchResult:
     """Generates every prompt × seed on the CPU and scores it against the world (module docstring).
 
@@ -387,6 +388,8 @@ def run_quality_bench(
         export_mesh: extract and texture the mesh and check it (timed as export seconds).
         export_cfg: export settings for the mesh check (default: the run config's, i.e. what
             ``dreamlab generate`` would export).
+        guidance_options: the method's ``--<guidance>.<field>`` options (``guidance/options.py``),
+            applied on top of the builtin preset; None for the preset as is.
     """
     from dreamlab.config import make_run_config
     from dreamlab.train import Trainer
@@ -404,7 +407,7 @@ def run_quality_bench(
     # Settings errors (unknown guidance, bad steps) surface before the prior loads. VPCSM's image
     # prompt is each object's exact front render (write_reference_image).
     needs_image = guidance == "vpcsm"
-    make_run_config(
+    checked = make_run_config(
         prompts[0],
         prior="builtin",
         guidance=guidance,
@@ -414,6 +417,13 @@ def run_quality_bench(
         device="cpu",
         image_prompt="reference.png" if needs_image else None,
     )
+    chosen_options = {}
+    if guidance_options is not None:
+        from dreamlab.guidance.options import apply_options
+
+        apply_options(checked.guidance, guidance_options).validate()
+        chosen_options = {f.name: getattr(guidance_options, f.name) for f in fields(guidance_options)
+                          if getattr(guidance_options, f.name) is not None}
     loaded, prior_name, preset = _load_prior(prior)
     loaded.encode_prompt(prompts)  # words the prior does not know fail before training
     out = Path(out_dir)
@@ -437,6 +447,11 @@ def run_quality_bench(
                 device="cpu",
                 image_prompt=None if reference is None else str(reference),
             )
+            if guidance_options is not None:
+                from dreamlab.guidance.options import apply_options
+
+                cfg.guidance = apply_options(cfg.guidance, guidance_options)
+                cfg.validate()
             cfg.prior = prior_name
             cfg.train.preview_every = 0  # previews cost time and change nothing
             started = time.perf_counter()
@@ -491,7 +506,9 @@ def run_quality_bench(
         png=out / "quality.png",
     )
     settings = (
-        f"guidance {guidance}, renderer {renderer}, prior {prior_name}, steps "
+        f"guidance {guidance}"
+        + "".join(f", {guidance}.{k} {v}" for k, v in chosen_options.items())
+        + f", renderer {renderer}, prior {prior_name}, steps "
         f"{rows[0].steps if steps is None else steps}, seeds {seeds}, "
         f"evaluation {eval_resolution} px, "
         f"{EVAL_AZIMUTHS} azimuths × elevations {list(EVAL_ELEVATIONS)}"
