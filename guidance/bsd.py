@@ -61,9 +61,10 @@ from dreamlab.guidance.common import (
     guidance_output,
     predict_eps_cfg,
     sample_noise,
+    validate_common_fields,
 )
 from dreamlab.priors.base import Prior
-from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
+from dreamlab.prompts import PromptConfig, ViewMode
 from dreamlab.schedules import Constant, Linear, Schedule
 from dreamlab.types import Cameras, GuidanceOutput, PromptEmbeds
 
@@ -163,14 +164,7 @@ class BSDConfig:
             raise ValueError(f"offset_noise must be >= 0, got {self.offset_noise}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip_prob must lie in [0, 1], got {self.flip_prob}")
-        if self.view_dependent is not None and self.view_dependent not in VIEW_MODES:
-            raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
-        if not math.isfinite(self.loss_scale):
-            raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
-        for progress in (0.0, 0.5, 1.0):
-            self.timesteps.bounds(progress, 1000)  # raises if the range is empty
-            if self.grad_clip is not None and not self.grad_clip(progress) > 0.0:
-                raise ValueError(f"grad_clip must stay > 0, got {self.grad_clip(progress)} at progress {progress}")
+        validate_common_fields(self)
 
     def build(self, prior: Prior, prompt: PromptConfig | None = None) -> BSD:
         """The guidance object for ``prior``; ``prompt`` supplies view thresholds / default mode."""

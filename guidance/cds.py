@@ -68,9 +68,10 @@ from dreamlab.guidance.common import (
     predict_x0,
     sample_noise,
     weighting,
+    validate_common_fields,
 )
 from dreamlab.priors.base import Prior
-from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
+from dreamlab.prompts import PromptConfig, ViewMode
 from dreamlab.schedules import Constant, Linear, Schedule, SqrtAnneal
 from dreamlab.types import Cameras, GuidanceOutput, PromptEmbeds
 
@@ -190,12 +191,6 @@ class CDSConfig:
     def validate(self) -> None:
         """Raises ValueError with a one-line message for impossible settings."""
         T = 1000
-        if self.weighting not in CDS_WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {CDS_WEIGHTINGS}, got {self.weighting!r}")
-        if self.view_dependent is not None and self.view_dependent not in VIEW_MODES:
-            raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
-        if not math.isfinite(self.loss_scale):
-            raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
         if not (math.isfinite(self.recon_std_rescale) and 0.0 <= self.recon_std_rescale <= 1.0):
             raise ValueError(f"recon_std_rescale must lie in [0, 1], got {self.recon_std_rescale}")
         if not 0.0 <= self.t_min <= self.t_max <= 1.0:
@@ -214,8 +209,7 @@ class CDSConfig:
                 raise ValueError(f"guidance_scale must stay >= 0, got {self.guidance_scale(progress)} at progress {progress}")
             if not math.isfinite(self.t_next(progress)):
                 raise ValueError(f"t_next must stay finite, got {self.t_next(progress)} at progress {progress}")
-            if self.grad_clip is not None and not self.grad_clip(progress) > 0.0:
-                raise ValueError(f"grad_clip must stay > 0, got {self.grad_clip(progress)} at progress {progress}")
+        validate_common_fields(self, CDS_WEIGHTINGS)  # after the range checks: bounds() needs them
 
     def build(self, prior: Prior, prompt: PromptConfig | None = None) -> CDS:
         """The guidance object for ``prior``; ``prompt`` supplies view thresholds / default mode."""

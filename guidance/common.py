@@ -478,20 +478,22 @@ def validate_perp_neg_fields(cfg) -> None:
     cfg.perp_neg_weights.validate()
 
 
-def validate_common_fields(cfg) -> None:
-    """The checks every SDS-like config shares: ``weighting``, ``view_dependent``, ``loss_scale``,
-    a non-empty ``timesteps`` range and a positive ``grad_clip`` at progress 0, 0.5 and 1, and
-    (when the config has them) the Perp-Neg fields. Raises ValueError with a one-line message."""
+def validate_common_fields(cfg, weightings: tuple[str, ...] = WEIGHTINGS) -> None:
+    """The checks guidance configs share, each for the fields the config has: ``weighting`` (one
+    of ``weightings``), ``view_dependent``, ``loss_scale``, the Perp-Neg fields, a non-empty
+    ``timesteps`` range and a positive ``grad_clip`` at progress 0, 0.5 and 1. Raises ValueError
+    with a one-line message."""
     from dreamlab.prompts import VIEW_MODES
 
-    if cfg.weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {cfg.weighting!r}")
+    if hasattr(cfg, "weighting") and cfg.weighting not in weightings:
+        raise ValueError(f"weighting must be one of {weightings}, got {cfg.weighting!r}")
     if cfg.view_dependent is not None and cfg.view_dependent not in VIEW_MODES:
         raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {cfg.view_dependent!r}")
     if not math.isfinite(cfg.loss_scale):
         raise ValueError(f"loss_scale must be finite, got {cfg.loss_scale}")
     validate_perp_neg_fields(cfg)
+    grad_clip = getattr(cfg, "grad_clip", None)
     for progress in (0.0, 0.5, 1.0):
         cfg.timesteps.bounds(progress, 1000)  # raises if the range is empty
-        if cfg.grad_clip is not None and not cfg.grad_clip(progress) > 0.0:
-            raise ValueError(f"grad_clip must stay > 0, got {cfg.grad_clip(progress)} at progress {progress}")
+        if grad_clip is not None and not grad_clip(progress) > 0.0:
+            raise ValueError(f"grad_clip must stay > 0, got {grad_clip(progress)} at progress {progress}")

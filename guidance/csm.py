@@ -79,11 +79,11 @@ from dreamlab.guidance.common import (
     guidance_output,
     perp_neg_residual,
     sample_noise,
-    validate_perp_neg_fields,
     weighting,
+    validate_common_fields,
 )
 from dreamlab.priors.base import Prior
-from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
+from dreamlab.prompts import PromptConfig, ViewMode
 from dreamlab.schedules import Linear, Schedule
 from dreamlab.types import Cameras, GuidanceOutput, PromptEmbeds
 
@@ -178,19 +178,10 @@ class CSMConfig:
             raise ValueError(f"noising must be one of {NOISINGS}, got {self.noising!r}")
         if isinstance(self.inversion_steps, bool) or not isinstance(self.inversion_steps, int) or self.inversion_steps < 1:
             raise ValueError(f"inversion_steps must be an integer >= 1, got {self.inversion_steps!r}")
-        if self.weighting not in CSM_WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {CSM_WEIGHTINGS}, got {self.weighting!r}")
-        if self.view_dependent is not None and self.view_dependent not in VIEW_MODES:
-            raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
-        if not math.isfinite(self.loss_scale):
-            raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
-        validate_perp_neg_fields(self)
+        validate_common_fields(self, CSM_WEIGHTINGS)
         for progress in (0.0, 0.5, 1.0):
-            self.timesteps.bounds(progress, 1000)  # raises if the range is empty
             if not math.isfinite(self.negative_mix(progress)):
                 raise ValueError(f"negative_mix must stay finite, got {self.negative_mix(progress)} at progress {progress}")
-            if self.grad_clip is not None and not self.grad_clip(progress) > 0.0:
-                raise ValueError(f"grad_clip must stay > 0, got {self.grad_clip(progress)} at progress {progress}")
 
     def build(self, prior: Prior, prompt: PromptConfig | None = None) -> CSM:
         """The guidance object for ``prior``; ``prompt`` supplies view thresholds / default mode."""

@@ -46,7 +46,6 @@ from dreamlab.guidance.asd import asynchronous_timesteps
 from dreamlab.guidance.common import (
     GuidanceBase,
     TimestepSchedule,
-    WEIGHTINGS,
     Weighting,
     alpha_sigma,
     check_renders,
@@ -54,9 +53,10 @@ from dreamlab.guidance.common import (
     guidance_output,
     sample_noise,
     weighting,
+    validate_common_fields,
 )
 from dreamlab.priors.base import Prior
-from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
+from dreamlab.prompts import PromptConfig, ViewMode
 from dreamlab.schedules import Constant, Linear, Schedule
 from dreamlab.types import Cameras, GuidanceOutput, PromptEmbeds
 
@@ -111,14 +111,8 @@ class DSDConfig:
             raise ValueError(f"variational must be one of {VARIATIONAL_SOURCES}, got {self.variational!r}")
         if not (math.isfinite(self.plus_ratio) and self.plus_ratio >= 0.0):
             raise ValueError(f"plus_ratio must be finite and >= 0, got {self.plus_ratio}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.view_dependent is not None and self.view_dependent not in VIEW_MODES:
-            raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
-        if not math.isfinite(self.loss_scale):
-            raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
+        validate_common_fields(self)
         for progress in (0.0, 0.5, 1.0):
-            self.timesteps.bounds(progress, 1000)  # raises if the range is empty
             lam_cfg, lam_var = self.cfg_weight(progress), self.variational_weight(progress)
             if not (math.isfinite(lam_cfg) and lam_cfg >= 0.0):
                 raise ValueError(f"cfg_weight must stay finite and >= 0, got {lam_cfg} at progress {progress}")
@@ -126,8 +120,6 @@ class DSDConfig:
                 raise ValueError(f"variational_weight must stay finite and >= 0, got {lam_var} at progress {progress}")
             if lam_cfg + lam_var == 0.0:
                 raise ValueError(f"cfg_weight and variational_weight are both 0 at progress {progress}")
-            if self.grad_clip is not None and not self.grad_clip(progress) > 0.0:
-                raise ValueError(f"grad_clip must stay > 0, got {self.grad_clip(progress)} at progress {progress}")
 
     def build(self, prior: Prior, prompt: PromptConfig | None = None) -> DSD:
         """The guidance object for ``prior``; ``prompt`` supplies view thresholds / default mode."""

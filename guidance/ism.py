@@ -81,10 +81,10 @@ from dreamlab.guidance.common import (
     predict_eps_cfg,
     predict_eps_guided,
     sample_noise,
-    validate_perp_neg_fields,
+    validate_common_fields,
 )
 from dreamlab.priors.base import Prior
-from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
+from dreamlab.prompts import PromptConfig, ViewMode
 from dreamlab.schedules import Constant, Linear, Schedule
 from dreamlab.types import Cameras, GuidanceOutput, PromptEmbeds
 
@@ -223,15 +223,8 @@ class ISMConfig:
             raise ValueError(f"noise_offset must be finite and >= 0, got {self.noise_offset}")
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must lie in [0, 1], got {self.hflip_prob}")
-        if self.view_dependent is not None and self.view_dependent not in VIEW_MODES:
-            raise ValueError(
-                f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}"
-            )
-        if not math.isfinite(self.loss_scale):
-            raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
-        validate_perp_neg_fields(self)
+        validate_common_fields(self)
         for progress in (0.0, 0.5, 1.0):
-            self.timesteps.bounds(progress, 1000)  # raises if the range is empty
             value = float(self.delta_t(progress))
             if not (math.isfinite(value) and interval_at(self.delta_t, progress) >= 1):
                 raise ValueError(

@@ -60,7 +60,6 @@ from torch import Tensor
 from dreamlab.guidance.common import (
     GuidanceBase,
     TimestepSchedule,
-    WEIGHTINGS,
     Weighting,
     alpha_sigma,
     cfg_combine,
@@ -69,9 +68,10 @@ from dreamlab.guidance.common import (
     sample_noise,
     surrogate_loss,
     weighting,
+    validate_common_fields,
 )
 from dreamlab.priors.base import Prior
-from dreamlab.prompts import VIEW_MODES, PromptConfig, ViewMode
+from dreamlab.prompts import PromptConfig, ViewMode
 from dreamlab.schedules import Constant, Piecewise
 from dreamlab.types import Cameras, GuidanceOutput, PromptEmbeds
 
@@ -158,12 +158,7 @@ class LoRAScoreConfig:
         """Raises ValueError with a one-line message for impossible settings."""
         if not self.guidance_scale >= 0.0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.view_dependent is not None and self.view_dependent not in VIEW_MODES:
-            raise ValueError(f"view_dependent must be one of {VIEW_MODES} or None, got {self.view_dependent!r}")
-        if not math.isfinite(self.loss_scale):
-            raise ValueError(f"loss_scale must be finite, got {self.loss_scale}")
+        validate_common_fields(self)
         if not (isinstance(self.lora_rank, int) and self.lora_rank >= 1):
             raise ValueError(f"lora_rank must be an integer >= 1, got {self.lora_rank!r}")
         if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
@@ -189,8 +184,7 @@ class LoRAScoreConfig:
         if not isinstance(self.init_seed, int):
             raise ValueError(f"init_seed must be an integer, got {self.init_seed!r}")
         for progress in (0.0, 0.5, 1.0):
-            self.timesteps.bounds(progress, 1000)  # raises if the range is empty
-            self.lora_timesteps.bounds(progress, 1000)
+            self.lora_timesteps.bounds(progress, 1000)  # raises if the range is empty
 
 
 @dataclass
