@@ -435,7 +435,6 @@ def carve_occupancy(
     cfg: MeshExportConfig,
     device: torch.device | str | None = None,
     views_per_batch: int = 8,
-    candidates: np.ndarray | None = None,
 ) -> np.ndarray:
     """Space carving with depth over the grid nodes of the box -> boolean occupancy [R, R, R].
 
@@ -444,15 +443,13 @@ def carve_occupancy(
     (``dreamlab.types``), looks up its nearest pixel, and gets an "empty" vote when that pixel is
     background (alpha < ``cfg.carve_alpha``) or when the node lies in front of the rendered
     surface (depth / alpha) by more than ``cfg.carve_depth_margin`` x the box diagonal. Nodes
-    with at least ``cfg.carve_min_votes`` votes are empty. ``candidates`` (boolean [R, R, R])
-    restricts the work to those nodes; the others come back empty.
+    with at least ``cfg.carve_min_votes`` votes are empty.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     cams = carving_cameras(cfg, lo, hi)
     xs, ys, zs = _grid_axes(lo, hi, resolution)
     grid = np.stack(np.meshgrid(xs, ys, zs, indexing="ij"), axis=-1).reshape(-1, 3)
-    keep = np.ones(grid.shape[0], dtype=bool) if candidates is None else np.asarray(candidates, bool).reshape(-1)
-    points = torch.from_numpy(grid[keep].astype(np.float32))
+    points = torch.from_numpy(grid.astype(np.float32))
     votes = torch.zeros(points.shape[0], dtype=torch.int32)
     margin = cfg.carve_depth_margin * float(np.linalg.norm(hi - lo))
     size = cfg.carve_image_size
@@ -461,8 +458,9 @@ def carve_occupancy(
         with torch.no_grad():
             alpha, depth = render_fn(batch.to(device))
         alpha = alpha.detach().float().cpu().reshape(len(batch), size * size)
-        depth = depth.detach().float().cpu().reshape(len(batch), size * size)
-        surface = torch.where(alpha > 1e-4, depth / alpha.clamp_min(1e-4), torch.full_like(depth, math.inf))
+        if margin > 0:  # the depth test's surface: expected depth / alpha
+            depth = depth.detach().float().cpu().reshape(len(batch), size * size)
+            surface = torch.where(alpha > 1e-4, depth / alpha.clamp_min(1e-4), torch.full_like(depth, math.inf))
         silhouettes = (alpha >= cfg.carve_alpha).numpy().reshape(len(batch), size, size)
         if cfg.carve_fill_holes > 0:
             silhouettes = np.stack([fill_small_holes(m, cfg.carve_fill_holes) for m in silhouettes])
@@ -481,9 +479,7 @@ def carve_occupancy(
             if margin > 0:
                 empty |= seen & (z < surface[b][pixel] - margin)
             votes += empty.to(torch.int32)
-    occupied = np.zeros(grid.shape[0], dtype=bool)
-    occupied[keep] = (votes < cfg.carve_min_votes).numpy()
-    return occupied.reshape(resolution, resolution, resolution)
+    return (votes < cfg.carve_min_votes).reshape(resolution, resolution, resolution).numpy()
 
 
 def _remove_floaters(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:

@@ -94,6 +94,13 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.
     return snr.clamp(max=gamma) / snr
 
 
+def noised(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
+    """(ε, ᾱ_t [B, 1, 1, 1], x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε) with ε drawn from ``generator``."""
+    noise = torch.randn(x0.shape, generator=generator)
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return noise, abar, abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+
+
 def lr_factor(step: int, cfg) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up over ``cfg.warmup_steps``, then cosine
     decay to 10% at ``cfg.steps`` (any config with those two fields)."""
@@ -187,9 +194,7 @@ class BuiltinPriorTrainer(CheckpointedTraining):
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         x0 = images * 2.0 - 1.0
         t = torch.randint(0, cfg.model.num_train_timesteps, (len(captions),), generator=self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator)
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+        noise, abar, x_t = noised(self.alphas_cumprod, x0, t, self.generator)
 
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from dreamlab.export.atomic import atomic_write_text
 from dreamlab.priors.builtin import ASSET_DIR, BuiltinPrior, unet_eps
 from dreamlab.priors.image_adapter import ADAPTER_DIR, ImageAdapterConfig, ImagePromptAdapter
-from dreamlab.priors.train_builtin import CheckpointedTraining, PriorTrainReport, lr_factor, min_snr_weights
+from dreamlab.priors.train_builtin import CheckpointedTraining, PriorTrainReport, lr_factor, min_snr_weights, noised
 from dreamlab.world.catalog import COLOURS
 from dreamlab.world.dataset import (
     WorldDataConfig,
@@ -128,9 +128,7 @@ class ImageAdapterTrainer(CheckpointedTraining):
         captions = ["" if d else c for c, d in zip(batch.captions, drop_text.tolist())]
         x0 = batch.images * 2.0 - 1.0
         t = torch.randint(0, prior.num_train_timesteps, (b,), generator=self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator)
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+        noise, abar, x_t = noised(self.alphas_cumprod, x0, t, self.generator)
 
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg)
@@ -179,9 +177,7 @@ class ImageAdapterTrainer(CheckpointedTraining):
                 b = len(batch.captions)
                 x0 = batch.images * 2.0 - 1.0
                 t = torch.randint(200, 800, (b,), generator=generator)
-                noise = torch.randn(x0.shape, generator=generator)
-                abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-                x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+                noise, _, x_t = noised(self.alphas_cumprod, x0, t, generator)
                 embeds = self.adapter.embed(references)
                 for caption, texts in (("text", batch.captions), ("image_only", [""] * b)):
                     hidden = prior.encode_prompt(texts)
