@@ -119,11 +119,29 @@ def test_ddim_cfg_convention():
     ]
 
 
+def test_ddim_early_stop_returns_the_clipped_x0_prediction():
+    """stop_at_t at or above the first timestep: one step, returning x̂0 = (x − √(1−ᾱ) ε) / √ᾱ."""
+    prior = StubPixelPrior()
+    generator = torch.Generator().manual_seed(5)
+    out = ddim_sample(prior, ["ab"], generator, num_steps=4, guidance_scale=1.0, stop_at_t=1000)
+    assert len(prior.seen_embeds) == 1  # one UNet call, then stop
+    x = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(5))
+    t = 750  # DDIM's first of 4 timesteps over 1000 ("leading" spacing)
+    alpha_bar = prior.scheduler.alphas_cumprod[t]
+    eps = prior.predict_eps(x, torch.tensor([t]), prior.encode_prompt(["ab"]))
+    x0 = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
+    assert torch.allclose(out, prior.decode_latents(x0), atol=1e-6)
+    # stop_at_t=0 runs all 4 steps
+    prior.seen_embeds.clear()
+    ddim_sample(prior, ["ab"], torch.Generator().manual_seed(5), num_steps=4, stop_at_t=0)
+    assert len(prior.seen_embeds) == 4
+
+
 def test_ddim_refuses_bad_arguments(tiny_prior):
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(TypeError):
         ddim_sample(tiny_prior, "a red cube", gen)
-    for kwargs in ({"num_steps": 0}, {"guidance_scale": -1.0}, {"eta": 2.0}):
+    for kwargs in ({"num_steps": 0}, {"guidance_scale": -1.0}, {"eta": 2.0}, {"stop_at_t": -1}):
         with pytest.raises(ValueError):
             ddim_sample(tiny_prior, ["a red cube"], gen, **kwargs)
 
@@ -339,7 +357,7 @@ SMALL_RING = {
 def _small_refs():
     from dreamlab.bench.prior_quality import reference_set
 
-    return reference_set(32, 8, (0.0, 30.0), (2.4,))
+    return reference_set(32, 16, (15.0,), (2.4,))
 
 
 def test_reference_set_equals_ground_truth_renders():
@@ -347,21 +365,41 @@ def test_reference_set_equals_ground_truth_renders():
     from dreamlab.world.catalog import ObjectSpec
     from dreamlab.world.render import render_ground_truth
 
+    from dreamlab.bench.prior_quality import REFERENCE_LIGHTS
+    from dreamlab.world.render import camera_relative_light
+
     refs = _small_refs()
     spec = ObjectSpec("house", "blue")
     k = refs.specs.index(spec)
     assert refs.canonical[k] == k
-    mine = refs.images[refs.spec_index == k].float() / 255.0
-    cams = reference_cameras(32, 8, (0.0, 30.0), (2.4,))
-    truth = render_ground_truth(spec, cams, supersample=2).rgb.permute(0, 3, 1, 2)
-    assert torch.allclose(mine, truth, atol=0.5 / 255 + 1e-6)
+    mine = refs.images[refs.spec_index == k].float() / 255.0  # [cameras × lights, 3, S, S]
+    ring = reference_cameras(32, 16, (15.0,), (2.4,))
+    lights = len(REFERENCE_LIGHTS)
+    assert len(mine) == len(ring) * lights
+    # every ring camera under every reference light (light fastest): the exact renderer's image
+    for j, (light_az, light_el) in enumerate(REFERENCE_LIGHTS):
+        light = camera_relative_light(ring, light_az, light_el)
+        truth = render_ground_truth(spec, ring, light, supersample=2).rgb.permute(0, 3, 1, 2)
+        assert torch.allclose(mine[j::lights], truth, atol=0.5 / 255 + 1e-6)
     # "a cube" and "a grey cube" (and "a snowman" and "a white snowman") are one object.
     for alias, first in (
         (ObjectSpec("cube", "grey"), ObjectSpec("cube")),
         (ObjectSpec("snowman", "white"), ObjectSpec("snowman")),
     ):
         assert refs.canonical[refs.specs.index(alias)] == refs.specs.index(first)
-    assert refs.num_objects == len(refs.features) // len(cams) == 122
+    assert refs.num_objects == len(refs.features) // (len(ring) * lights) == 122
+
+
+def test_reference_view_wedges_match_the_caption_rule():
+    """A reference's view is the prompt code's wedge for its azimuth; boundaries belong to none."""
+    from dreamlab.bench.prior_quality import reference_view
+    from dreamlab.prompts import VIEW_NAMES, view_direction_index
+
+    for azimuth in (0.0, 22.5, -30.0, 67.5, 90.0, -112.5, 157.5, 180.0, -157.5, 200.0):
+        index = view_direction_index(torch.tensor([0.0]), torch.tensor([azimuth]))
+        assert reference_view(azimuth) == VIEW_NAMES[int(index)]
+    for boundary in (45.0, -45.0, 135.0, -135.0, 225.0):
+        assert reference_view(boundary) is None
 
 
 def test_ground_truth_renders_score_near_the_ceiling():

@@ -15,6 +15,12 @@ feasibility run measured nearest-ground-truth prompt accuracy 12 % without it an
 Latent priors (more than 3 channels, e.g. SD's 4-channel VAE latents, which are not bounded by 1)
 are never clipped.
 
+Early stop: once the timestep reaches ``stop_at_t`` (default 100 of 1000) the sampler returns the
+step's predicted clean image x̂0 instead of taking the last low-noise steps. Those steps only add
+fine grain, and they are where a small prior trained with min-SNR weighting (which spends least
+on them) is least accurate: on the builtin prior, nearest-ground-truth prompt accuracy rose from
+0.713 to 0.738 at CFG 1 (docs/builtin-prior.md). ``stop_at_t=0`` runs every step.
+
 All randomness (initial noise, and the per-step noise when ``eta > 0``) is drawn from the given
 CPU ``torch.Generator`` and then moved to the prior's device, so results do not depend on the
 device's RNG.
@@ -61,10 +67,11 @@ def ddim_sample(
     prompts: list[str],
     generator: torch.Generator,
     num_steps: int = 50,
-    guidance_scale: float = 2.0,
+    guidance_scale: float = 1.25,
     negative_prompt: str = "",
     clip_x0: bool = True,
     eta: float = 0.0,
+    stop_at_t: int = 100,
 ) -> Tensor:
     """Samples one image per prompt with DDIM and classifier-free guidance.
 
@@ -77,6 +84,7 @@ def ddim_sample(
         negative_prompt: text of the "unconditional" CFG branch ("" = the true null).
         clip_x0: clip the predicted x0 to [-1, 1] each step (pixel-space priors only).
         eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like ancestral noise).
+        stop_at_t: return the predicted x̂0 at the first timestep <= this (0: run every step).
     Returns:
         [B, 3, S, S] images in [0, 1] on the CPU, S = ``prior.image_size``.
     """
@@ -91,6 +99,8 @@ def ddim_sample(
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    if stop_at_t < 0:
+        raise ValueError(f"stop_at_t must be >= 0, got {stop_at_t}")
     assert generator.device.type == "cpu", "ddim_sample draws its noise from a CPU generator"
 
     device = prior.device
@@ -115,6 +125,10 @@ def ddim_sample(
         noise = None
         if eta > 0:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        step = scheduler.step(eps, t, x, eta=eta, variance_noise=noise)
+        if int(t) <= stop_at_t:
+            x = step.pred_original_sample  # x̂0 (clipped when clip_x0)
+            break
+        x = step.prev_sample
     images = prior.decode_latents(x).float().clamp(0.0, 1.0)
     return images.cpu()
