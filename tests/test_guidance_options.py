@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from dreamlab.cli import _parse, build_run_config, guidance_from_argv, main
-from dreamlab.guidance import GUIDANCES
+from dreamlab.guidance import BUILTIN_PRIOR_GUIDANCE_PRESETS, GUIDANCES
 from dreamlab.guidance.options import field_docs, format_schedule, options_type, parse_schedule
 from dreamlab.guidance.sds import SDSConfig
 from dreamlab.schedules import Constant, Exponential, Linear, SqrtAnneal
@@ -53,7 +53,8 @@ def test_options_override_the_preset_only_where_given():
     assert cfg.guidance.weighting == "uniform"
     assert cfg.guidance.timesteps.t_max == Linear(0.98, 0.5)
     assert cfg.guidance.grad_clip == Linear(0.5, 2.0)
-    assert cfg.guidance.guidance_scale == 7.5  # the builtin prior's preset, untouched
+    preset = BUILTIN_PRIOR_GUIDANCE_PRESETS["sds"]["guidance_scale"]
+    assert cfg.guidance.guidance_scale == preset  # the builtin prior's preset, untouched
     plain = build_run_config(_parse(["generate", "a red cube"]))
     assert plain.guidance.weighting == SDSConfig().weighting and plain.guidance.grad_clip is None
     assert build_run_config(_parse(argv + ["--sds.guidance-scale", "20"])).guidance.guidance_scale == 20.0
