@@ -193,7 +193,13 @@ def _reference_set(
     lights: tuple[tuple[float, float], ...],
 ) -> ReferenceSet:
     from dreamlab.world.catalog import all_object_specs
-    from dreamlab.world.render import camera_relative_light, colourize, pool, render_geometry
+    from dreamlab.world.render import (
+        camera_relative_light,
+        colourize,
+        lambert_shading,
+        pool,
+        render_geometry,
+    )
 
     ambient = 0.3
     ring = reference_cameras(image_size, num_azimuths, elevations_deg, distances)
@@ -214,11 +220,11 @@ def _reference_set(
         if spec.shape not in geometry:
             geometry.clear()  # shape-major order: each shape's geometry is needed once
             geo = render_geometry(spec.shape, ring, None, ambient, supersample)
-            # re-shade the traced normals under every light (Lambert + ambient, as the renderer)
+            # re-shade the traced normals under every light (the renderer's own shading rule)
             normal = geo.normal.repeat_interleave(per_camera, dim=0)  # [V, kS, kS, 3]
-            lambert = torch.einsum("bhwc,bc->bhw", normal, light_dirs).clamp_min(0.0)
+            lit = lambert_shading(normal, light_dirs[:, None, None, :], ambient)
             part = geo.part.repeat_interleave(per_camera, dim=0)
-            shading = torch.where(part >= 0, ambient + (1.0 - ambient) * lambert, 0.0)
+            shading = torch.where(part >= 0, lit, 0.0)
             geometry[spec.shape] = (shading, part)
         shading, part = geometry[spec.shape]
         rgb = pool(colourize(shading, part, spec, white), supersample)  # [V, S, S, 3]
@@ -316,20 +322,13 @@ def truth_samples(condition: Condition, n: int, image_size: int, seed: int) -> T
     lights drawn as the training data draws them (``WorldDataConfig``'s default light frame and
     ranges, those of the shipped prior): what a perfect prior could draw. Seeded from ``seed``
     and the condition's text."""
-    from dreamlab.world.dataset import WorldDataConfig
-    from dreamlab.world.render import camera_relative_light, light_from_angles, render_ground_truth
+    from dreamlab.world.dataset import WorldDataConfig, sample_lights
+    from dreamlab.world.render import render_ground_truth
 
     data = WorldDataConfig()
     generator = torch.Generator().manual_seed(condition_seed(seed, "truth:" + condition.text))
     cams = truth_cameras(condition, n, image_size, generator)
-    lo, hi = data.light_azimuth_deg
-    azimuth = lo + (hi - lo) * torch.rand(n, generator=generator)
-    lo, hi = data.light_elevation_deg
-    elevation = lo + (hi - lo) * torch.rand(n, generator=generator)
-    if data.light_frame == "camera":
-        light = camera_relative_light(cams, azimuth, elevation)
-    else:
-        light = light_from_angles(azimuth, elevation)
+    light = sample_lights(data, cams, generator)
     gt = render_ground_truth(condition.spec, cams, light, ambient=data.ambient, supersample=2)
     return gt.rgb.permute(0, 3, 1, 2)
 

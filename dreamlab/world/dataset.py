@@ -27,7 +27,7 @@ from torch import Tensor
 
 from dreamlab.cameras import CameraSamplerConfig
 from dreamlab.prompts import PromptConfig, view_direction_index
-from dreamlab.types import VIEW_NAMES, orbit_cameras, wrap_azimuth
+from dreamlab.types import VIEW_NAMES, Cameras, orbit_cameras, wrap_azimuth
 from dreamlab.world.catalog import (
     COLOURS,
     COMPOSITES,
@@ -292,6 +292,17 @@ def _uniform(low: float, high: float, n: int, generator: torch.Generator) -> Ten
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
+def sample_lights(cfg: WorldDataConfig, cams: Cameras, generator: torch.Generator) -> Tensor:
+    """[N, 3] world directions towards one light per camera, drawn as the training data draws
+    them: azimuth then elevation, uniform in ``cfg``'s ranges, in ``cfg.light_frame``."""
+    n = len(cams)
+    azimuth = _uniform(*cfg.light_azimuth_deg, n, generator)
+    elevation = _uniform(*cfg.light_elevation_deg, n, generator)
+    if cfg.light_frame == "camera":
+        return camera_relative_light(cams, azimuth, elevation)
+    return light_from_angles(azimuth, elevation)
+
+
 def _shape_counts(cfg: WorldDataConfig) -> list[int]:
     """Views per shape (SHAPES order): composite_fraction for the composites, split evenly."""
     n_comp = round(cfg.num_views * cfg.composite_fraction)
@@ -326,15 +337,10 @@ def build_world_cache(
     fronted = torch.tensor([has_front(s) for s in SHAPES])[shape_index]
     biased = fronted & (torch.rand(n, generator=gen) < cfg.front_bias)
     azimuth = wrap_azimuth(torch.where(biased, front_azimuth, azimuth))
-    light_az = _uniform(*cfg.light_azimuth_deg, n, gen)
-    light_el = _uniform(*cfg.light_elevation_deg, n, gen)
 
     res, k = cfg.resolution, cfg.supersample
     cams_all = orbit_cameras(elevation, azimuth, distance, fov, res, res)
-    if cfg.light_frame == "camera":
-        light = camera_relative_light(cams_all, light_az, light_el)
-    else:
-        light = light_from_angles(light_az, light_el)
+    light = sample_lights(cfg, cams_all, gen)  # the next draws from gen, as before
 
     part = torch.full((n, res * k, res * k), -1, dtype=torch.int8)
     shading = torch.zeros((n, res * k, res * k), dtype=torch.uint8)

@@ -118,6 +118,15 @@ def camera_relative_light(
     return torch.einsum("bij,bj->bi", rot, local)
 
 
+def lambert_shading(normal: Tensor, light_dir: Tensor, ambient: float) -> Tensor:
+    """``ambient + (1 - ambient) * max(0, n · l)`` per point: the world's shading rule.
+
+    ``normal`` [..., 3] unit normals, ``light_dir`` [..., 3] unit directions towards the light
+    (broadcast against ``normal``)."""
+    lambert = (normal * light_dir).sum(-1).clamp_min(0.0)
+    return ambient + (1.0 - ambient) * lambert
+
+
 def part_albedos(spec: ObjectSpec) -> Tensor:
     """[P, 3] albedo of each part of ``spec`` (row 0 = the body)."""
     if spec.shape not in PARTS:
@@ -298,11 +307,10 @@ def _render_geometry(
         t_surface = t[hit] + residual / cos_in
         points = origin[hit] + t_surface[:, None] * ray_dirs
         cam_of = hit // (h * w) + start
-        lambert = (n * lights[cam_of]).sum(-1).clamp_min(0.0)
         x, y, z = (points[:, i].contiguous() for i in range(3))
         flat = slice(start * h * w, (start + nb) * h * w)
         part.view(-1)[flat][hit] = obj.parts(x, y, z)
-        shading.view(-1)[flat][hit] = ambient + (1.0 - ambient) * lambert
+        shading.view(-1)[flat][hit] = lambert_shading(n, lights[cam_of], ambient)
         depth.view(-1)[flat][hit] = t_surface * (ray_dirs * forward[cam_of]).sum(-1)
         normal.view(-1, 3)[flat][hit] = n
     return GeometryRender(
