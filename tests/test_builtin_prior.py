@@ -164,3 +164,20 @@ def test_prior_training_resumes_and_refuses_a_corrupt_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "step_0000002.pt").write_bytes(b"\x80\x02junk")
     with pytest.raises(CheckpointError, match="corrupt"):
         BuiltinPriorTrainer(cfg, tmp_path).resume()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"steps": 0}, {"batch_size": 0}, {"learning_rate": 0.0}, {"min_snr_gamma": 0.0}, {"min_snr_gamma": -1.0}],
+)
+def test_both_trainer_configs_refuse_impossible_schedules(bad):
+    """The prior's and the image adapter's trainers share the schedule checks (one message each)."""
+    import dataclasses
+
+    from dreamlab.priors.train_builtin import BuiltinTrainConfig
+    from dreamlab.priors.train_image_adapter import ImageAdapterTrainConfig
+
+    for config_type in (BuiltinTrainConfig, ImageAdapterTrainConfig):
+        config_type().validate()
+        with pytest.raises(ValueError, match="must be"):
+            dataclasses.replace(config_type(), **bad).validate()

@@ -66,14 +66,22 @@ class BuiltinTrainConfig:
     model: BuiltinPriorConfig = field(default_factory=BuiltinPriorConfig)
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch size must be >= 1")
+        validate_training_schedule(self)
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError("condition_dropout must lie in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay must lie in [0, 1)")
-        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0.0:
-            raise ValueError("min_snr_gamma must be > 0 (or None for plain ε-MSE)")
+
+
+def validate_training_schedule(cfg) -> None:
+    """Checks the fields every denoiser trainer's config has (this one and the image adapter's):
+    steps, batch size, learning rate and the min-SNR-γ weighting."""
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch size must be >= 1")
+    if not cfg.learning_rate > 0:
+        raise ValueError("learning_rate must be > 0")
+    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0.0:
+        raise ValueError("min_snr_gamma must be > 0 (or None for plain ε-MSE)")
 
 
 @dataclass

@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from dreamlab.export.atomic import atomic_write_text
 from dreamlab.priors.builtin import ASSET_DIR, BuiltinPrior, unet_eps
 from dreamlab.priors.image_adapter import ADAPTER_DIR, ImageAdapterConfig, ImagePromptAdapter
-from dreamlab.priors.train_builtin import CheckpointedTraining, PriorTrainReport, lr_factor, min_snr_weights, noised
+from dreamlab.priors.train_builtin import (
+    CheckpointedTraining,
+    PriorTrainReport,
+    lr_factor,
+    min_snr_weights,
+    noised,
+    validate_training_schedule,
+)
 from dreamlab.world.catalog import COLOURS
 from dreamlab.world.dataset import (
     WorldDataConfig,
@@ -62,13 +69,10 @@ class ImageAdapterTrainConfig:
     data: WorldDataConfig = field(default_factory=WorldDataConfig)
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch size must be >= 1")
+        validate_training_schedule(self)
         for name in ("image_dropout", "text_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1)")
-        if not self.learning_rate > 0:
-            raise ValueError("learning_rate must be > 0")
         self.adapter.validate()
 
 
