@@ -108,6 +108,9 @@ class TrainBuiltinArgs:
     """Seeds the world's views, the initial weights and every batch."""
     num_views: int | None = None
     """Size of the rendered view cache (default: the world's own)."""
+    view_caption_loss_weight: float = 1.0
+    """Loss weight of captions that name a view of an object with a front (1 = plain mean; the
+    v2 weights, trained at 1, did not learn the view words)."""
     out: Path | None = None
     """Folder for the trained prior (default: assets/builtin-prior, the shipped default)."""
     work_dir: Path = Path("builtin-prior-work")
@@ -153,13 +156,9 @@ def prompt_slug(prompt: str, max_chars: int = 48) -> str:
 
 
 def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {directory}: {err.strerror or err}") from None
+    from dreamlab.generation import check_writable
+
+    check_writable(directory)
 
 
 def build_run_config(args: GenerateArgs):
@@ -219,60 +218,28 @@ def _setup_run_logging(run_dir: Path) -> logging.Handler:
 
 
 def generate(args: GenerateArgs) -> int:
-    from dreamlab.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
-    from dreamlab.config import config_to_json
-    from dreamlab.export.atomic import atomic_write_text
-    from dreamlab.export import export_asset
-    from dreamlab.priors import PriorLoadError, load_prior
-    from dreamlab.train import Trainer, prior_dtype
+    from dreamlab.generation import export_run, open_run
 
     cfg = build_run_config(args)
     run_dir = args.out / prompt_slug(cfg.prompt)
-    _check_writable(args.out)
-    latest = find_latest_checkpoint(run_dir / "checkpoints")
-    if latest is not None and not args.resume:
-        raise UserError(
-            f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, "
-            "or choose another --out"
-        )
-    if latest is not None:  # fail fast on an unusable checkpoint, before loading the prior
-        try:
-            load_checkpoint(latest)
-        except CheckpointError as err:
-            raise UserError(str(err)) from None
-    device = resolve_device_or_fail(cfg.device)
     _quiet_library_progress_bars()
-    try:
-        prior = load_prior(cfg.prior, device=device, dtype=prior_dtype(cfg, device))
-    except PriorLoadError as err:
-        raise UserError(str(err)) from None
-    try:  # a closed-vocabulary prior refuses unknown words here, before anything is written
-        prior.encode_prompt([cfg.prompt.strip(), cfg.prompt_processing.negative_prompt])
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    _check_writable(run_dir)
+    opened = open_run(args, run_dir)
+    trainer = opened.trainer
     handler = _setup_run_logging(run_dir)
     try:
-        trainer = Trainer(cfg, prior=prior, run_dir=run_dir)
-        used = trainer.resume() if args.resume else None
-        atomic_write_text(run_dir / "config.json", config_to_json(cfg))
         _say(f"dreamlab: generating {cfg.prompt!r} into {run_dir}")
         if args.resume:
-            _say(f"dreamlab: resumed from {used} (step {trainer.step})" if used else
-                 "dreamlab: no checkpoint found, starting from scratch")
+            _say(f"dreamlab: resumed from {opened.resumed_from} (step {trainer.step})" if opened.resumed_from
+                 else "dreamlab: no checkpoint found, starting from scratch")
+        started = time.perf_counter()
         code = _run_loop(trainer, quiet=args.quiet)
         if code != 0:
             return code
-        started = time.perf_counter()
-        written = list(export_asset(trainer.renderer, run_dir, cfg.export, formats=args.formats))
-        for k, particle in enumerate(trainer.renderers[1:], start=1):  # VSD/ESD num_particles > 1
-            written += export_asset(particle, run_dir / f"particle_{k}", cfg.export, formats=args.formats)
-        log.info("export took %.1f s", time.perf_counter() - started)
-        for path in written:
-            _say(f"  wrote {path}")
+        result = export_run(trainer, run_dir, args.formats, time.perf_counter() - started)
+        log.info("export took %.1f s", result.export_seconds)
+        for name in result.files:
+            _say(f"  wrote {run_dir / name}")
         return 0
-    except CheckpointError as err:
-        raise UserError(str(err)) from None
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -397,7 +364,7 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
     from dreamlab.priors.builtin import ASSET_DIR
     from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
 
-    cfg = BuiltinTrainConfig(steps=args.steps, seed=args.seed)
+    cfg = BuiltinTrainConfig(steps=args.steps, seed=args.seed, view_caption_loss_weight=args.view_caption_loss_weight)
     if args.num_views is not None:
         cfg.data = dataclasses.replace(cfg.data, num_views=args.num_views)
     try:
@@ -493,11 +460,16 @@ def _parse(argv: list[str]):
                 BenchQualityArgs, guidance_from_argv(argv[2:], BenchQualityArgs.guidance)
             )
         return tyro.extras.subcommand_cli_from_dict(group, args=argv[1:], prog=f"dreamlab {argv[0]}")
-    generate_type = GenerateArgs
+    from dreamlab.batch import BatchArgs, batch_args_type, ray_flag_default
+
+    generate_type, batch_type = GenerateArgs, BatchArgs
     if argv and argv[0] == "generate":
         generate_type = generate_args_with_guidance_options(guidance_from_argv(argv[1:]))
+    if argv and argv[0] == "batch":
+        argv = ray_flag_default(argv)
+        batch_type = batch_args_type(guidance_from_argv(argv[1:], BatchArgs.guidance))
     return tyro.extras.subcommand_cli_from_dict(
-        {"generate": generate_type, "export": ExportArgs},
+        {"generate": generate_type, "batch": batch_type, "export": ExportArgs},
         args=argv,
         prog="dreamlab",
         description="dreamlab: text to game-ready 3D assets. More commands: "
@@ -510,6 +482,10 @@ def _dispatch(args) -> int:
         return generate(args)
     if isinstance(args, ExportArgs):
         return export(args)
+    from dreamlab.batch import BatchArgs, run_batch
+
+    if isinstance(args, BatchArgs):
+        return run_batch(args)
     if isinstance(args, TrainBuiltinArgs):
         return train_builtin(args)
     if isinstance(args, TrainImageAdapterArgs):

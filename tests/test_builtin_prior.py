@@ -181,3 +181,22 @@ def test_both_trainer_configs_refuse_impossible_schedules(bad):
         config_type().validate()
         with pytest.raises(ValueError, match="must be"):
             dataclasses.replace(config_type(), **bad).validate()
+
+
+def test_view_caption_loss_weight_applies_only_to_view_words_of_objects_with_a_front():
+    from dreamlab.priors.train_builtin import BuiltinTrainConfig, caption_loss_weights
+    from dreamlab.types import VIEW_NAMES
+    from dreamlab.world.catalog import ObjectSpec
+    from dreamlab.world.dataset import WorldBatch
+
+    specs = [ObjectSpec("snowman", None), ObjectSpec("snowman", None), ObjectSpec("cube", "red"),
+             ObjectSpec("house", "blue")]
+    back = VIEW_NAMES.index("back")
+    captioned = torch.tensor([back, -1, back, back])  # no view word on the second
+    batch = WorldBatch(torch.zeros(4, 3, 8, 8), ["a snowman, back view", "a snowman", "a red cube, back view",
+                                                 "a blue house, back view"], specs, captioned.clone(), captioned, torch.arange(4))
+    dropped = torch.tensor([False, False, False, True])  # the house's caption is dropped for CFG
+    weights = caption_loss_weights(batch, dropped, 4.0)
+    assert weights.tolist() == [4.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="view_caption_loss_weight"):
+        BuiltinTrainConfig(view_caption_loss_weight=0.0).validate()

@@ -34,7 +34,13 @@ from dreamlab.priors.builtin import (
     build_networks,
     unet_eps,
 )
-from dreamlab.world.dataset import WorldCache, WorldDataConfig, load_or_build_world_cache, sample_batch
+from dreamlab.world.dataset import (
+    WorldBatch,
+    WorldCache,
+    WorldDataConfig,
+    load_or_build_world_cache,
+    sample_batch_detailed,
+)
 
 
 PRIOR_CHECKPOINT_KEYS = ("step", "unet", "text_encoder", "ema_unet", "ema_text", "optimizer", "generator")
@@ -60,6 +66,13 @@ class BuiltinTrainConfig:
     Weighting Strategy"): each sample's ε loss is scaled by min(SNR(t), γ) / SNR(t), which stops the
     easy low-noise steps from dominating and speeds convergence at the high-noise steps where shape
     and layout are decided. None = plain ε-MSE."""
+    view_caption_loss_weight: float = 1.0
+    """Loss weight of a sample whose caption carries a view word for an object with a front
+    ("a snowman, back view"); every other sample weighs 1, and the batch loss is the weighted
+    mean. The weight depends on the caption alone, so for every caption the optimum is still that
+    caption's conditional mean (the data's front bias, which Janus needs, is untouched): it only
+    spends more of each step on the view words, which the v2 weights (weight 1) had not learned
+    (samples followed "back view" about as often as chance; docs/builtin-prior.md)."""
     seed: int = 0
     checkpoint_every: int = 250
     data: WorldDataConfig = field(default_factory=WorldDataConfig)
@@ -71,6 +84,8 @@ class BuiltinTrainConfig:
             raise ValueError("condition_dropout must lie in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay must lie in [0, 1)")
+        if not self.view_caption_loss_weight > 0.0:
+            raise ValueError("view_caption_loss_weight must be > 0")
 
 
 def validate_training_schedule(cfg) -> None:
@@ -100,6 +115,16 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.
         return torch.ones_like(alphas_cumprod)
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
     return snr.clamp(max=gamma) / snr
+
+
+def caption_loss_weights(batch: WorldBatch, dropped: torch.Tensor, view_weight: float) -> torch.Tensor:
+    """Per-sample loss weights [B]: ``view_weight`` where the caption the model sees (not dropped
+    for classifier-free guidance) names a view of an object with a front, else 1."""
+    from dreamlab.world.catalog import has_front
+
+    fronted = torch.tensor([has_front(spec.shape) for spec in batch.specs])
+    viewed = fronted & (batch.captioned_view >= 0) & ~dropped
+    return torch.where(viewed, torch.tensor(float(view_weight)), torch.tensor(1.0))
 
 
 def noised(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
@@ -197,9 +222,11 @@ class BuiltinPriorTrainer(CheckpointedTraining):
     def train_step(self) -> PriorTrainReport:
         cfg = self.cfg
         started = time.perf_counter()
-        images, captions = sample_batch(self.cache, cfg.data, cfg.batch_size, self.generator, threads=None)
-        drop = torch.rand(len(captions), generator=self.generator) < cfg.condition_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        batch = sample_batch_detailed(self.cache, cfg.data, cfg.batch_size, self.generator, threads=None)
+        images = batch.images
+        drop = torch.rand(len(batch.captions), generator=self.generator) < cfg.condition_dropout
+        captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist())]
+        weights = caption_loss_weights(batch, drop, cfg.view_caption_loss_weight)
         x0 = images * 2.0 - 1.0
         t = torch.randint(0, cfg.model.num_train_timesteps, (len(captions),), generator=self.generator)
         noise, abar, x_t = noised(self.alphas_cumprod, x0, t, self.generator)
@@ -211,7 +238,8 @@ class BuiltinPriorTrainer(CheckpointedTraining):
         hidden = self.text_encoder(input_ids=self.tokenizer(captions)).last_hidden_state
         pred = unet_eps(self.unet, cfg.model, x_t, t, hidden)
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(abar.flatten(), cfg.min_snr_gamma)).mean()
+        per_sample = per_sample * min_snr_weights(abar.flatten(), cfg.min_snr_gamma)
+        loss = (per_sample * weights).sum() / weights.sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
@@ -265,7 +293,8 @@ def model_card(
         f"{cfg.learning_rate} (warm-up {cfg.warmup_steps}, cosine to 10% over the scheduled steps), "
         f"weight decay {cfg.weight_decay}, EMA {cfg.ema_decay}",
         f"- condition dropout {cfg.condition_dropout} (classifier-free guidance), seed {cfg.seed}",
-        f"- loss: ε-MSE" + (f" with min-SNR-γ weighting, γ = {cfg.min_snr_gamma}" if cfg.min_snr_gamma else ""),
+        f"- loss: ε-MSE" + (f" with min-SNR-γ weighting, γ = {cfg.min_snr_gamma}" if cfg.min_snr_gamma else "")
+        + f"; captions with a view word of an object with a front weigh {cfg.view_caption_loss_weight}",
         f"- last training loss {final_loss:.4f} (one batch; noisy); {minutes} on a 2-core CPU",
         "",
         "## Data (the world's bias knobs)",
