@@ -88,8 +88,10 @@ class ExportArgs:
     """A checkpoint file (OUT/<slug>/checkpoints/step_*.pt)."""
     format: Literal["glb", "obj", "ply"] = "glb"
     """Output format."""
+    particle: int = 0
+    """Which particle of a multi-particle run (VSD/ESD --<method>.num-particles N): 0 .. N-1."""
     out: Path | None = None
-    """Output file (default: model.<format> or splats.ply beside the checkpoint's run folder)."""
+    """Output file (default: model.<format> or splats.ply in the run folder; particle_K/ for K > 0)."""
     faces: int | None = None
     """Face budget of the exported mesh."""
     size_m: float | None = None
@@ -325,9 +327,15 @@ def export(args: ExportArgs) -> int:
         cfg.export.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
+    particles = [state["renderer"], *state.get("particles", [])]
+    if not 0 <= args.particle < len(particles):
+        raise UserError(f"--particle {args.particle}: the checkpoint holds {len(particles)} particle(s), "
+                        f"numbered 0 to {len(particles) - 1}")
     renderer = build_renderer(cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
-    renderer.load_checkpoint_state(state["renderer"])
+    renderer.load_checkpoint_state(particles[args.particle])
     run_dir = args.checkpoint.resolve().parent.parent
+    if args.particle:
+        run_dir = run_dir / f"particle_{args.particle}"
     default_name = "splats.ply" if args.format == "ply" else f"model.{args.format}"
     target = args.out if args.out is not None else run_dir / default_name
     if target.suffix.lower().lstrip(".") != args.format:

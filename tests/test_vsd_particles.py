@@ -179,3 +179,26 @@ def test_cli_option_and_every_particle_is_exported(tmp_path, monkeypatch):
     run_dir = tmp_path / "out" / "a-red-cube"
     assert [d for _, d in exported] == [run_dir, run_dir / "particle_1"]
     assert exported[0][0] is not exported[1][0]
+
+
+def test_export_command_picks_a_particle(tmp_path):
+    from plyfile import PlyData
+
+    from dreamlab.checkpoint import find_latest_checkpoint, load_checkpoint
+    from dreamlab.cli import main
+
+    prior_dir = tmp_path / "tiny-sd"
+    make_tiny_sd_folder(prior_dir)
+    assert main(["generate", "a red cube", "--prior", str(prior_dir), "--guidance", "vsd",
+                 "--vsd.num-particles", "2", "--steps", "2", "--gaussians", "200", "--resolution", "16",
+                 "--formats", "png", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    run_dir = tmp_path / "out" / "a-red-cube"
+    ckpt = find_latest_checkpoint(run_dir / "checkpoints")
+    state = load_checkpoint(ckpt)
+    assert main(["export", str(ckpt), "--format", "ply", "--particle", "1"]) == 0
+    ply = PlyData.read(str(run_dir / "particle_1" / "splats.ply"))
+    means = state["particles"][0]["params"]["means"]
+    xyz = torch.tensor([[v["x"], v["y"], v["z"]] for v in ply["vertex"]])
+    assert torch.allclose(xyz, means, atol=1e-6)  # particle 1's own Gaussians
+    assert not torch.allclose(xyz, state["renderer"]["params"]["means"], atol=1e-3)
+    assert main(["export", str(ckpt), "--format", "ply", "--particle", "2"]) == 2
