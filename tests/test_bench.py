@@ -548,3 +548,19 @@ def test_bench_quality_takes_the_methods_own_options(tmp_path):
     assert "sds.perp_neg True" in settings and "sds.guidance_scale 5.0" in settings
     assert main(["bench", "quality", "--prompts", "a red cube", "--guidance", "sds", "--sds.perp-neg-scale",
                  "nan", "--steps", "1", "--no-mesh", "--out", str(out)]) != 0
+
+
+def test_saturation_excess_is_exact_on_flat_colours():
+    from dreamlab.bench.metrics import hsv_saturation, saturation_excess
+
+    assert hsv_saturation(torch.tensor([[1.0, 0.5, 0.5], [0.0, 0.0, 0.0], [0.4, 0.4, 0.4]])).tolist() == [0.5, 0.0, 0.0]
+    pred = torch.zeros(2, 4, 4, 3)
+    pred[..., 0] = 1.0  # pure red: S = 1
+    truth = torch.full((2, 4, 4, 3), 0.5)
+    truth[..., 0] = 1.0  # pink: S = 0.5
+    mask = torch.ones(2, 4, 4)
+    gt_mask = mask.clone()
+    gt_mask[1] = 0.0  # the second view has no overlap
+    excess = saturation_excess(pred, truth, mask, gt_mask)
+    assert excess[0].item() == pytest.approx(0.5) and torch.isnan(excess[1])
+    assert saturation_excess(truth, pred, mask, mask)[0].item() == pytest.approx(-0.5)

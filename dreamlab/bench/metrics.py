@@ -119,6 +119,23 @@ def foreground_colour_error(
     return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
 
 
+def hsv_saturation(rgb: Tensor) -> Tensor:
+    """HSV saturation (max − min) / max of sRGB colours ``[..., 3]`` (0 for black)."""
+    high, low = rgb.amax(-1), rgb.amin(-1)
+    return torch.where(high > 1e-6, (high - low) / high.clamp_min(1e-6), torch.zeros_like(high))
+
+
+def saturation_excess(pred_rgb: Tensor, gt_rgb: Tensor, pred_mask: Tensor, gt_mask: Tensor) -> Tensor:
+    """Per-view mean HSV saturation of the result minus that of the truth [B], over the pixels
+    foreground in BOTH images: > 0 means more saturated than the ground truth (the
+    over-saturation score-distillation papers discuss). NaN for a view whose overlap is empty."""
+    both = (_as_mask(pred_mask) & _as_mask(gt_mask)).float()
+    diff = hsv_saturation(pred_rgb) - hsv_saturation(gt_rgb)
+    count = both.flatten(1).sum(1)
+    mean = (diff * both).flatten(1).sum(1) / count.clamp_min(1.0)
+    return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
+
+
 # ----------------------------------------------------------------------------- Janus
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from dreamlab.bench.metrics import (
     delta_e,
     foreground_colour_error,
+    saturation_excess,
     janus_scores,
     masked_psnr,
     mean_texture_colour,
@@ -129,6 +130,7 @@ class RenderEvaluation:
     colour_error: float  # mean ΔE*ab over pixels foreground in both (NaN if never any)
     janus: float | None  # objects with a front only
     front_feature: float | None  # objects with a front only
+    saturation: float = float("nan")  # mean HSV saturation excess over the truth (metrics.md)
     per_view_iou: list[float] = field(default_factory=list)
     result_rgb: Tensor | None = field(default=None, repr=False)  # [V, H, W, 3]
     gt_rgb: Tensor | None = field(default=None, repr=False)  # [V, H, W, 3]
@@ -169,6 +171,7 @@ def evaluate_images(
     iou = silhouette_iou(result_alpha, gt_mask)
     psnr = masked_psnr(result_rgb, gt_rgb, result_alpha, gt_mask)
     colour = foreground_colour_error(result_rgb, gt_rgb, result_alpha, gt_mask)
+    saturation = saturation_excess(result_rgb, gt_rgb, result_alpha, gt_mask)
     janus = front = None
     if has_front(shape):
         janus, front = janus_scores(
@@ -184,6 +187,7 @@ def evaluate_images(
         colour_error=_nanmean(colour),
         janus=janus,
         front_feature=front,
+        saturation=_nanmean(saturation),
         per_view_iou=[float(v) for v in iou],
         result_rgb=result_rgb,
         gt_rgb=gt_rgb,
@@ -316,6 +320,7 @@ class QualityRow:
     front_feature: float | None
     train_seconds: float
     mesh: MeshEvaluation | None
+    saturation: float
     evaluation: RenderEvaluation = field(repr=False)
 
 
@@ -330,6 +335,7 @@ class QualityMeans:
     front_feature: float | None
     train_seconds: float
     export_seconds: float | None
+    saturation: float
     genus_ok: float | None  # fraction of meshed rows whose genus is the expected one
 
 
@@ -340,6 +346,10 @@ class QualityBenchResult:
     markdown: Path
     csv: Path
     png: Path
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -475,6 +485,7 @@ def run_quality_bench(
                     front_feature=evaluation.front_feature,
                     train_seconds=train_seconds,
                     mesh=mesh,
+                    saturation=evaluation.saturation,
                     evaluation=evaluation,
                 )
             )
@@ -497,6 +508,7 @@ def run_quality_bench(
         train_seconds=_mean([r.train_seconds for r in rows]),
         export_seconds=_mean([m.seconds for m in meshed]),
         genus_ok=(sum(genus_checks) / len(genus_checks)) if genus_checks else None,
+        saturation=_nan_if_none(_mean([r.saturation for r in rows])),
     )
     result = QualityBenchResult(
         rows=rows,
@@ -546,6 +558,7 @@ def summary_table(result: QualityBenchResult) -> str:
         "IoU",
         "PSNR (dB)",
         "colour ΔE",
+        "saturation",
         "Janus",
         "front feature",
         "train s",
@@ -562,6 +575,7 @@ def summary_table(result: QualityBenchResult) -> str:
                 fmt(r.iou),
                 fmt(r.psnr, 2),
                 fmt(r.colour_error, 1),
+                fmt(r.saturation, 3),
                 fmt(r.janus),
                 fmt(r.front_feature),
                 fmt(r.train_seconds, 1),
@@ -578,6 +592,7 @@ def summary_table(result: QualityBenchResult) -> str:
             f"**{fmt(m.iou)}**",
             fmt(m.psnr, 2),
             fmt(m.colour_error, 1),
+            fmt(m.saturation, 3),
             fmt(m.janus),
             fmt(m.front_feature),
             fmt(m.train_seconds, 1),
@@ -620,6 +635,7 @@ def _write_csv(result: QualityBenchResult) -> None:
         "iou",
         "psnr_db",
         "colour_delta_e",
+        "saturation_excess",
         "janus",
         "front_feature",
         "train_seconds",
@@ -649,6 +665,7 @@ def _write_csv(result: QualityBenchResult) -> None:
                 r.iou,
                 r.psnr,
                 r.colour_error,
+                r.saturation,
                 r.janus,
                 r.front_feature,
                 r.train_seconds,
