@@ -146,6 +146,22 @@ class TrainImageAdapterArgs:
     """No progress bar."""
 
 
+@dataclass
+class AppArgs:
+    """Serve the web UI (Gradio): prompt to 3D in a browser, with a queue and downloads."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface)."""
+    port: int = 7860
+    """Port to listen on."""
+    share: bool = False
+    """Also open a public Gradio share link."""
+    out: Path = Path("outputs/ui")
+    """Folder for the jobs' run folders (one per job)."""
+    concurrency: int = 1
+    """Jobs that run at once; the others wait in the queue (their place in line is shown)."""
+
+
 def prompt_slug(prompt: str, max_chars: int = 48) -> str:
     """A folder name for a prompt: lowercase ASCII words joined by '-', never a path."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.strip().lower()).strip("-")
@@ -477,7 +493,7 @@ def _parse(argv: list[str]):
         argv = ray_flag_default(argv)
         batch_type = batch_args_type(guidance_from_argv(argv[1:], BatchArgs.guidance))
     return tyro.extras.subcommand_cli_from_dict(
-        {"generate": generate_type, "batch": batch_type, "export": ExportArgs},
+        {"generate": generate_type, "batch": batch_type, "export": ExportArgs, "app": AppArgs},
         args=argv,
         prog="dreamlab",
         description="dreamlab: text to game-ready 3D assets. More commands: "
@@ -494,6 +510,14 @@ def _dispatch(args) -> int:
 
     if isinstance(args, BatchArgs):
         return run_batch(args)
+    if isinstance(args, AppArgs):
+        if args.concurrency < 1:
+            raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")
+        try:
+            from dreamlab.ui import run_app
+        except ImportError as err:
+            raise UserError(f"the web UI needs gradio: pip install -e '.[ui]' ({err})") from None
+        return run_app(args.host, args.port, args.share, args.out, args.concurrency)
     if isinstance(args, TrainBuiltinArgs):
         return train_builtin(args)
     if isinstance(args, TrainImageAdapterArgs):

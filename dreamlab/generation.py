@@ -143,23 +143,31 @@ def run_settings(cfg) -> dict:
 
 
 def read_result(run_dir: Path) -> dict | None:
-    """The finished run's ``result.json``, or None when the run is not finished (or the file is
-    unreadable, which makes the run count as unfinished)."""
+    """The finished run's ``result.json``, or None when the run is not finished: no file, an
+    unreadable one, or one written for a run stopped before its last step (a cancelled UI job
+    exports what it has)."""
     path = Path(run_dir) / RESULT_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("files"), list) else None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+        return None
+    try:
+        complete = int(data["steps"]) >= int(data["settings"]["steps"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return data if complete else None
 
 
 def check_writable(directory: Path) -> None:
     """Creates ``directory`` and proves a file can be written there; UserError if not."""
     import os
+    import uuid
 
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
+        probe = directory / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # unique per thread too
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

@@ -161,3 +161,18 @@ def test_ray_path_gives_the_same_files_as_the_local_path(tmp_path: Path):
         assert local == (tmp_path / "ray" / name / "splats.ply").read_bytes(), name
     assert (tmp_path / "local" / "a-red-cube-seed0" / "splats.ply").read_bytes() != (
         tmp_path / "local" / "a-red-cube-seed1" / "splats.ply").read_bytes()
+
+
+def test_only_complete_results_count_as_finished(tmp_path: Path):
+    from dreamlab.generation import RESULT_FILE, read_result
+
+    def write(steps: int, total: int) -> None:
+        (tmp_path / RESULT_FILE).write_text(json.dumps({"files": ["model.glb"], "steps": steps,
+                                                        "settings": {"steps": total}}))
+
+    write(40, 40)
+    assert read_result(tmp_path)["steps"] == 40
+    write(12, 40)  # a cancelled UI job exports what it has: not finished
+    assert read_result(tmp_path) is None
+    (tmp_path / RESULT_FILE).write_text("{not json")
+    assert read_result(tmp_path) is None
