@@ -21,23 +21,31 @@ from dreamlab.priors.testing import make_tiny_sd_components
 from dreamlab.prompts import build_prompt_embeds
 
 
-def sd21_base_components():
-    """SD 2.1-base shaped components with random weights (configs as published for that model)."""
+def sd21_base_components(device: torch.device | str | None = None):
+    """SD 2.1-base shaped components with random weights (configs as published for that model).
+
+    ``device``: where the UNet and VAE are created (random init of ~950M parameters is much
+    faster on a GPU than on the CPU); None: the CPU.
+    """
+    import contextlib
+
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     tokenizer, text_encoder, _, _, _ = make_tiny_sd_components(max_length=77)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024, use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    where = torch.device(device) if device is not None else contextlib.nullcontext()
+    with where:
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024, use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               steps_offset=1, clip_sample=False, set_alpha_to_one=False)
     # The text encoder stays tiny: prompts are encoded once per run, not per step. Its width is

@@ -72,6 +72,9 @@ class GenerateArgs:
     """Initial number of Gaussians (default: the renderer's own)."""
     resolution: int | None = None
     """Render at this fixed resolution (pixels) instead of the default 64 -> 128 schedule."""
+    rasterizer: Literal["auto", "torch", "cuda", "gsplat"] | None = None
+    """Gaussian rasterizer backend: auto (dreamlab's CUDA kernels on a GPU when they build, else
+    gsplat if installed, else torch), torch, cuda or gsplat (docs/renderer.md). Default: auto."""
     formats: tuple[Literal["glb", "obj", "ply", "mp4", "png"], ...] = ("glb", "obj", "ply", "mp4", "png")
     """Outputs to write after training: glb, obj, ply (splats), mp4 (turntable), png (preview)."""
     device: str = "auto"
@@ -196,6 +199,7 @@ def build_run_config(args: GenerateArgs):
             guidance_scale=args.guidance_scale,
             gaussians=args.gaussians,
             resolution=args.resolution,
+            rasterizer=args.rasterizer,
             negative_prompt=args.negative_prompt,
             checkpoint_every=args.checkpoint_every,
             device=args.device,

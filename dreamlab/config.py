@@ -132,6 +132,7 @@ def make_run_config(
     checkpoint_every: int = 100,
     device: str = "auto",
     image_prompt: str | None = None,
+    rasterizer: str | None = None,
 ) -> RunConfig:
     """A validated RunConfig: the preset for the chosen prior, then the given overrides.
 
@@ -176,6 +177,16 @@ def make_run_config(
         if gaussians < 1:
             raise ValueError(f"--gaussians must be >= 1, got {gaussians}")
         cfg.renderer = dataclasses.replace(cfg.renderer, num_init=gaussians)
+    if rasterizer is not None:
+        from dreamlab.renderers.gaussians.rasterize import BACKENDS
+
+        if rasterizer not in BACKENDS:
+            raise ValueError(
+                f"unknown --rasterizer {rasterizer!r}; choose one of: {', '.join(BACKENDS)}"
+            )
+        if not hasattr(cfg.renderer, "backend"):
+            raise ValueError(f"--rasterizer does not apply to the {renderer!r} renderer")
+        cfg.renderer = dataclasses.replace(cfg.renderer, backend=rasterizer)
     if resolution is not None:
         if not 8 <= resolution <= 4096:
             raise ValueError(f"--resolution must lie in [8, 4096] pixels, got {resolution}")

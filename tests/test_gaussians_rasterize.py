@@ -197,7 +197,7 @@ def test_means2d_gradient_is_retained():
 def test_backend_selection():
     assert select_backend("auto", "cpu") == "torch"
     assert select_backend("torch", "cpu") == "torch"
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="CUDA"):
         select_backend("gsplat", "cpu")
     with pytest.raises(ValueError):
         select_backend("opengl", "cpu")

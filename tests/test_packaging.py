@@ -52,6 +52,9 @@ def test_regular_install_exposes_only_dreamlab(tmp_path: Path) -> None:
     assert not any(result["forbidden"].values()), result
     assert result["guidance"].startswith(str(target))
     assert result["builtin_weights"], "the builtin prior's weights must ship as package data"
+    for name in ("rasterizer.cu", "rasterizer.h", "bindings.cpp"):  # built lazily on a GPU
+        shipped = target / "dreamlab" / "cuda_ext" / name
+        assert shipped.is_file(), f"{name} must ship as package data"
 
 
 def test_editable_install_exposes_only_dreamlab(tmp_path: Path) -> None:

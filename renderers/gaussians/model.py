@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dreamlab.renderers.base import ParamGroup, Renderer
 from dreamlab.renderers.gaussians.field import gaussian_field
-from dreamlab.renderers.gaussians.rasterize import RasterAux, rasterize_gaussians
+from dreamlab.renderers.gaussians.rasterize import RasterAux, rasterize_gaussians, select_backend
 from dreamlab.renderers.gaussians.strategy import DensifyConfig, DensifyReport, DensifyStrategy
 from dreamlab.schedules import Constant, Exponential, Schedule
 from dreamlab.types import Cameras, RenderOutput
@@ -83,8 +83,10 @@ class GaussianConfig:
     """Learning rate of the quaternions."""
     near_plane: float = 0.01
     """Gaussians closer to the camera than this (camera depth) are culled."""
-    backend: Literal["auto", "torch"] = "auto"
-    """Rasterizer backend (only the pure-PyTorch one exists so far)."""
+    backend: Literal["auto", "torch", "cuda", "gsplat"] = "auto"
+    """Rasterizer backend: "auto" (on a GPU dreamlab's CUDA kernels, else gsplat, else torch; torch
+    on CPU), "torch" (pure PyTorch, any device), "cuda" (dreamlab's kernels, built on first use)
+    or "gsplat" (needs the gsplat package). Resolved once, at the first render."""
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     """Clone / split / prune schedule."""
 
@@ -227,6 +229,7 @@ class GaussianRenderer(Renderer):
         self.sh_rest = nn.Parameter(torch.zeros(n, num_sh_rest(cfg.sh_degree), 3))  # [N, K, 3]
         self.strategy = DensifyStrategy(cfg.densify, n)
         self.last_densify: DensifyReport | None = None
+        self._backend: tuple[torch.device, str] | None = None  # (device, backend) resolved
 
     @classmethod
     def from_points(
@@ -283,9 +286,24 @@ class GaussianRenderer(Renderer):
         """[N, 3] view-independent colour (DC term only), clamped to [0, 1]."""
         return (0.5 + SH_C0 * self.sh_dc).clamp(0.0, 1.0)
 
+    @property
+    def backend(self) -> str | None:
+        """The rasterizer backend this renderer uses ("torch", "cuda", "gsplat"); None before the
+        first render."""
+        return None if self._backend is None else self._backend[1]
+
+    def _resolve_backend(self) -> str:
+        """``cfg.backend`` resolved once (first render) and kept, so a run never switches
+        backends mid-way; resolved again only if the parameters move to another device."""
+        device = self.means.device
+        if self._backend is None or self._backend[0] != device:
+            self._backend = (device, select_backend(self.cfg.backend, device))
+        return self._backend[1]
+
     def render(self, cams: Cameras, background: Tensor) -> RenderOutput:
         """Renders every camera; the image is clamped to [0, 1] (as DreamGaussian does)."""
         background = background.to(self.means)
+        backend = self._resolve_backend()
         rgb, alpha, depth, aux = rasterize_gaussians(
             self.means,
             self.quats,
@@ -295,7 +313,7 @@ class GaussianRenderer(Renderer):
             cams,
             background,
             near=self.cfg.near_plane,
-            backend=self.cfg.backend,
+            backend=backend,
         )
         return RenderOutput(rgb=rgb.clamp(0.0, 1.0), alpha=alpha, depth=depth, aux=aux)
 

@@ -1,9 +1,12 @@
-"""Differentiable 3D Gaussian splatting rasterizer in pure PyTorch (CPU or any torch device).
+"""Differentiable 3D Gaussian splatting rasterizer: the PyTorch twin and the backend switch.
 
-Hand-written because no library rasterizes Gaussians on CPU: gsplat's projection works on CPU
-tensors but its tile intersection is a Python loop and its compositing needs CUDA; the public
-pure-PyTorch renderers keep dense per-tile tensors for autograd and are 10-50x slower. The CUDA /
-gsplat backends come later behind :func:`select_backend`; nothing here imports them.
+The pure-PyTorch path runs on CPU or any torch device. It is hand-written because no library
+rasterizes Gaussians on CPU: gsplat's projection works on CPU tensors but its tile intersection is
+a Python loop and its compositing needs CUDA; the public pure-PyTorch renderers keep dense
+per-tile tensors for autograd and are 10-50x slower. On CUDA tensors :func:`select_backend` can
+pick dreamlab's own kernels (``dreamlab.cuda_ext``: same projection and boxes from here, tile
+binning and compositing on the GPU) or gsplat (:mod:`.gsplat_backend`); both are imported lazily,
+only on a CUDA device.
 
 Algorithm (the 3DGS forward model, Kerbl et al. 2023, with one deliberate difference noted):
 
@@ -41,8 +44,8 @@ from dreamlab.types import Cameras
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch")
-"""Backends that :func:`select_backend` accepts (cuda / gsplat come in a later issue)."""
+BACKENDS = ("auto", "torch", "cuda", "gsplat")
+"""Backends that :func:`select_backend` accepts."""
 
 ALPHA_MIN = 1.0 / 255.0
 """Pairs with a smaller alpha are skipped (3DGS)."""
@@ -56,31 +59,114 @@ DILATION = 0.3
 """Added to the diagonal of every 2D covariance, in pixels² (3DGS's low-pass filter)."""
 FOV_CLAMP = 1.3
 """x/d and y/d are clamped to this multiple of the half-fov tangent inside the EWA Jacobian."""
+CUTOFFS = (ALPHA_MIN, ALPHA_MAX, T_MIN, SIGMA_CUTOFF**2)
+"""(alpha_min, alpha_max, t_min, q_max) as passed to the CUDA kernels (one source of truth)."""
 
 _logged_backends: set[tuple[str, str]] = set()
+_gsplat_problem_cache: list[str | None] = []
+
+
+def _cuda_ext_problem() -> str | None:
+    """None when dreamlab's CUDA rasterizer is built and loaded (building it now if needed)."""
+    from dreamlab.cuda_ext import CudaExtensionError, load_extension
+
+    try:
+        load_extension()
+    except CudaExtensionError as exc:
+        return str(exc)
+    return None
+
+
+def _gsplat_problem() -> str | None:
+    """None when ``import gsplat`` works (checked once per process)."""
+    if not _gsplat_problem_cache:
+        try:
+            import gsplat  # noqa: F401
+
+            _gsplat_problem_cache.append(None)
+        except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install raising anything
+            _gsplat_problem_cache.append(
+                f"gsplat cannot be imported ({type(exc).__name__}: {exc}); pip install gsplat "
+                "(it compiles its CUDA kernels with the CUDA toolkit on first use)"
+            )
+    return _gsplat_problem_cache[0]
 
 
 def select_backend(backend: str, device: torch.device | str) -> str:
     """The one place that picks a rasterizer backend. Logs the choice once per (request, device).
 
+    * ``"torch"``: the pure-PyTorch twin, on any device.
+    * ``"cuda"``: dreamlab's own CUDA kernels (``dreamlab.cuda_ext``), built on first use.
+    * ``"gsplat"``: ``gsplat.rasterization`` (if installed).
+    * ``"auto"``: on CUDA tensors the first of cuda / gsplat / torch that works here (saying why
+      the others were passed over); on any other device torch.
+
+    Nothing is imported or compiled for a non-CUDA device.
+
     Args:
-        backend: "auto" or "torch". ("cuda" / "gsplat" are reserved for the GPU backends.)
+        backend: one of :data:`BACKENDS`.
         device: where the Gaussians live.
     Returns:
-        The backend that will run: currently always "torch".
+        The backend that will run: "torch", "cuda" or "gsplat".
+    Raises:
+        ValueError: unknown name, or "cuda" / "gsplat" asked for on a non-CUDA device.
+        RuntimeError: "cuda" / "gsplat" asked for on CUDA but unavailable (the message says what
+            to install or use instead).
     """
     device = torch.device(device)
     if backend not in BACKENDS:
-        if backend in ("cuda", "gsplat"):
-            raise NotImplementedError(
-                f"rasterizer backend {backend!r} is not implemented yet; use 'auto' or 'torch'"
-            )
         raise ValueError(f"unknown rasterizer backend {backend!r}; choose one of {BACKENDS}")
-    chosen = "torch"
+    why = ""
+    if device.type != "cuda":
+        if backend in ("cuda", "gsplat"):
+            raise ValueError(
+                f"rasterizer backend {backend!r} needs the Gaussians on a CUDA GPU, but they are "
+                f"on {device.type!r}: use backend 'torch' or 'auto' here, or run on a GPU "
+                "(--device cuda)"
+            )
+        chosen = "torch"
+    elif backend == "torch":
+        chosen = "torch"
+    elif backend == "cuda":
+        problem = _cuda_ext_problem()
+        if problem is not None:
+            raise RuntimeError(
+                f"rasterizer backend 'cuda' was asked for but is unavailable: {problem}. "
+                "Use backend 'auto' (falls back to gsplat or torch) or 'torch'"
+            )
+        chosen = "cuda"
+    elif backend == "gsplat":
+        problem = _gsplat_problem()
+        if problem is not None:
+            raise RuntimeError(
+                f"rasterizer backend 'gsplat' was asked for but is unavailable: {problem}; "
+                "or use backend 'cuda' (dreamlab's own kernels) or 'torch'"
+            )
+        chosen = "gsplat"
+    else:  # auto on CUDA
+        cuda_problem = _cuda_ext_problem()
+        if cuda_problem is None:
+            chosen = "cuda"
+        else:
+            gsplat_problem = _gsplat_problem()
+            if gsplat_problem is None:
+                chosen, why = "gsplat", f"dreamlab's CUDA kernels unavailable: {cuda_problem}"
+            else:
+                chosen = "torch"
+                why = f"{cuda_problem}; and {gsplat_problem}; the torch backend is much slower"
     key = (backend, device.type)
     if key not in _logged_backends:
         _logged_backends.add(key)
-        log.info("gaussian rasterizer: backend %r on %s -> %s", backend, device.type, chosen)
+        if why:
+            log.warning(
+                "gaussian rasterizer: backend %r on %s -> %s (%s)",
+                backend,
+                device.type,
+                chosen,
+                why,
+            )
+        else:
+            log.info("gaussian rasterizer: backend %r on %s -> %s", backend, device.type, chosen)
     return chosen
 
 
@@ -92,8 +178,8 @@ class RasterAux:
     radii: Tensor  # [B, N] 3-sigma screen radius in pixels (0 where culled)
     visible: Tensor  # [B, N] bool: in front of the near plane and touching the image
     depths: Tensor  # [B, N] camera depth d = -z
-    num_pairs: int  # (Gaussian, pixel) pairs composited
-    backend: str
+    num_pairs: int  # torch: (Gaussian, pixel) pairs; cuda / gsplat: (Gaussian, tile) intersections
+    backend: str  # the backend that rendered: "torch", "cuda" or "gsplat"
 
 
 @dataclass
@@ -178,6 +264,17 @@ def _max_mahalanobis(opacities: Tensor) -> Tensor:
 
 
 @dataclass
+class _Boxes:
+    """Per flat Gaussian (camera * N + gaussian): the pixel box where both cut-offs can hold."""
+
+    x0: Tensor  # [B * N] first / last pixel column and row (floats with integral values),
+    x1: Tensor  # inclusive; meaningful only where ``visible``
+    y0: Tensor
+    y1: Tensor
+    visible: Tensor  # [B * N] bool: in front of the near plane, finite, box inside the image
+
+
+@dataclass
 class _Pairs:
     gauss: Tensor  # [M] int64 flat (camera * N + gaussian) index
     pixel: Tensor  # [M] int64 flat (camera * H * W + row * W + col), sorted, depth-ordered within
@@ -185,15 +282,13 @@ class _Pairs:
 
 
 @torch.no_grad()
-def _build_pairs(
+def _pixel_boxes(
     proj: Projection, opacities: Tensor, near: float, height: int, width: int
-) -> _Pairs:
-    """Enumerates the (Gaussian, pixel) pairs that pass the cut-offs, sorted by (pixel, depth)."""
+) -> _Boxes:
+    """Bounding boxes of the ellipses ``q <= min(9, 2 ln(255 o))`` (shared by every backend)."""
     bsz, n = proj.depth.shape
-    device = proj.depth.device
     means2d = proj.means2d.detach().reshape(-1, 2)
     cov = proj.cov2d.detach().reshape(-1, 3)
-    conic = proj.conic.detach().reshape(-1, 3)
     depth = proj.depth.detach().reshape(-1)
     opac = opacities.detach().expand(bsz, n).reshape(-1)
     qmax = _max_mahalanobis(opac)
@@ -209,6 +304,22 @@ def _build_pairs(
     y0 = torch.ceil((v - ry - 0.5).clamp(-big, big)).clamp_min(0)
     y1 = torch.floor((v + ry - 0.5).clamp(-big, big)).clamp_max(height - 1)
     visible = (depth > near) & (qmax > 0) & finite & (x1 >= x0) & (y1 >= y0)
+    return _Boxes(x0=x0, x1=x1, y0=y0, y1=y1, visible=visible)
+
+
+@torch.no_grad()
+def _build_pairs(
+    proj: Projection, opacities: Tensor, boxes: _Boxes, height: int, width: int
+) -> _Pairs:
+    """Enumerates the (Gaussian, pixel) pairs that pass the cut-offs, sorted by (pixel, depth)."""
+    bsz, n = proj.depth.shape
+    device = proj.depth.device
+    means2d = proj.means2d.detach().reshape(-1, 2)
+    conic = proj.conic.detach().reshape(-1, 3)
+    depth = proj.depth.detach().reshape(-1)
+    opac = opacities.detach().expand(bsz, n).reshape(-1)
+    u, v = means2d[:, 0], means2d[:, 1]
+    x0, x1, y0, y1, visible = boxes.x0, boxes.x1, boxes.y0, boxes.y1, boxes.visible
 
     idx = visible.nonzero().squeeze(1)
     idx = idx[torch.argsort(depth[idx], stable=True)]  # front to back
@@ -382,7 +493,7 @@ def rasterize_gaussians(
         cams: B cameras (see dreamlab.types for the convention).
         background: [C], [B, C] colour behind everything.
         near: Gaussians with camera depth below this are culled.
-        backend: "auto" or "torch" (see :func:`select_backend`).
+        backend: one of :data:`BACKENDS` (see :func:`select_backend`).
     Returns:
         rgb [B, H, W, C] composited over the background, alpha [B, H, W, 1], depth [B, H, W, 1]
         (alpha-weighted camera depth, 0 where empty), and a :class:`RasterAux`.
@@ -393,49 +504,67 @@ def rasterize_gaussians(
     assert log_scales.shape == (n, 3), log_scales.shape
     assert opacities.shape == (n,), opacities.shape
     chosen = select_backend(backend, means.device)
-    assert chosen == "torch"
     bsz, height, width = len(cams), cams.height, cams.width
     if colors.ndim == 2:
         colors = colors[None].expand(bsz, n, colors.shape[-1])
     assert colors.shape[:2] == (bsz, n), colors.shape
     nc = colors.shape[-1]
     background = background.to(means.dtype).reshape(-1, nc).expand(bsz, nc)
+    if chosen == "gsplat":
+        from dreamlab.renderers.gaussians.gsplat_backend import rasterize_gsplat
+
+        return rasterize_gsplat(means, quats, log_scales, opacities, colors, cams, background, near)
 
     proj = project_gaussians(means, quats, log_scales, cams)
     means2d = proj.means2d
     if means2d.requires_grad:
         means2d.retain_grad()
-    pairs = _build_pairs(proj, opacities, near, height, width)
+    boxes = _pixel_boxes(proj, opacities, near, height, width)
     num_pixels = bsz * height * width
     feats = torch.cat([colors, proj.depth[..., None]], dim=-1).reshape(bsz * n, nc + 1)
-    out, t_final = _Composite.apply(
-        means2d.reshape(-1, 2),
-        proj.conic.reshape(-1, 3),
-        opacities[None].expand(bsz, n).reshape(-1),
-        feats,
-        pairs.gauss,
-        pairs.pixel,
-        num_pixels,
-        height,
-        width,
-    )
+    flat_opac = opacities[None].expand(bsz, n).reshape(-1)
+    if chosen == "cuda":
+        from dreamlab.cuda_ext.composite import bin_tiles, tile_composite
+
+        depth_flat = proj.depth.detach().reshape(-1)
+        bins = bin_tiles(
+            boxes.x0, boxes.x1, boxes.y0, boxes.y1, boxes.visible, depth_flat, bsz, height, width
+        )
+        out, t_final = tile_composite(
+            means2d.reshape(-1, 2), proj.conic.reshape(-1, 3), flat_opac, feats, bins,
+            bsz, height, width, CUTOFFS,
+        )  # fmt: skip
+        num_pairs = bins.num_intersections
+    else:
+        pairs = _build_pairs(proj, opacities, boxes, height, width)
+        out, t_final = _Composite.apply(
+            means2d.reshape(-1, 2), proj.conic.reshape(-1, 3), flat_opac, feats,
+            pairs.gauss, pairs.pixel, num_pixels, height, width,
+        )  # fmt: skip
+        num_pairs = int(pairs.gauss.shape[0])
     out = out.reshape(bsz, height, width, nc + 1)
     t_final = t_final.reshape(bsz, height, width, 1)
     rgb = out[..., :nc] + t_final * background[:, None, None, :]
     alpha = 1.0 - t_final
     depth = out[..., nc:]
     with torch.no_grad():
-        a, b, c = proj.cov2d.unbind(-1)
-        mid = 0.5 * (a + c)
-        lam = mid + torch.sqrt((mid * mid - (a * c - b * b)).clamp_min(0))
-        visible = pairs.visible.reshape(bsz, n)
-        radii = torch.where(visible, SIGMA_CUTOFF * torch.sqrt(lam), torch.zeros_like(lam))
+        visible = boxes.visible.reshape(bsz, n)
+        radii = torch.where(visible, screen_radius(proj.cov2d), torch.zeros_like(proj.depth))
     aux = RasterAux(
         means2d=means2d,
         radii=radii,
         visible=visible,
         depths=proj.depth.detach(),
-        num_pairs=int(pairs.gauss.shape[0]),
+        num_pairs=num_pairs,
         backend=chosen,
     )
     return rgb, alpha, depth, aux
+
+
+@torch.no_grad()
+def screen_radius(cov2d: Tensor) -> Tensor:
+    """3-sigma screen radius ``3 sqrt(λmax)`` of 2D covariances [..., 3] (a, b, c)."""
+    a, b, c = cov2d.detach().unbind(-1)
+    mid = 0.5 * (a + c)
+    lam = mid + torch.sqrt((mid * mid - (a * c - b * b)).clamp_min(0))
+    return SIGMA_CUTOFF * torch.sqrt(lam)
