@@ -128,7 +128,7 @@ def _number(value, name: str, kind=int, allow_none: bool = False):
 
 
 def _job_args(prompt, negative, prior, renderer, guidance, steps, seed, guidance_scale,
-              overrides: Mapping[str, Any], max_steps: int) -> GenerateArgs:
+              overrides: Mapping[str, Any], max_steps: int, method_options: str = "") -> GenerateArgs:
     prompt = (prompt or "").strip()
     if not prompt:
         raise UserError("type a prompt first, e.g. \"a red cube\"")
@@ -141,7 +141,7 @@ def _job_args(prompt, negative, prior, renderer, guidance, steps, seed, guidance
     if steps is not None and steps > max_steps:
         raise UserError(f"steps is limited to {max_steps} here, got {steps}")
     prior = (prior or "builtin").strip() or "builtin"
-    return GenerateArgs(
+    args = GenerateArgs(
         prompt=prompt,
         prior=prior,
         guidance=guidance,
@@ -153,6 +153,15 @@ def _job_args(prompt, negative, prior, renderer, guidance, steps, seed, guidance
         quiet=True,
         **dict(overrides),
     )
+    if (method_options or "").strip():  # the CLI's --<method>.<name> options, as name=value pairs
+        from dreamlab.guidance import GUIDANCES
+        from dreamlab.guidance.options import options_from_text
+
+        try:
+            setattr(args, guidance, options_from_text(guidance, GUIDANCES[guidance], method_options))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    return args
 
 
 def _to_image(tensor):
@@ -218,6 +227,7 @@ def generate_job(
     overrides: Mapping[str, Any] | None = None,
     max_steps: int = MAX_STEPS,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    method_options: str = "",
 ) -> Iterator[JobUpdate]:
     """Runs one generation job in a fresh folder under ``out_root`` and yields its progress.
 
@@ -225,7 +235,8 @@ def generate_job(
     one before the first step), an "exporting" update, then one last update: "done" or
     "cancelled" (``cancel_event`` set: a checkpoint is saved and what exists is exported), or
     "error" with a one-line message. ``steps`` and ``guidance_scale`` 0 or None mean the
-    defaults. ``overrides`` are further GenerateArgs fields (gaussians, resolution, faces,
+    defaults. ``method_options``: the guidance method's own options as ``name=value`` pairs
+    (``lora_lr=1e-3 num_particles=2``; the CLI's ``--<method>.<name>``). ``overrides`` are further GenerateArgs fields (gaussians, resolution, faces,
     texture_size, checkpoint_every, device). The image is checked whenever one is given and
     used only by vpcsm. If the caller stops iterating mid-run, a checkpoint is still written.
     """
@@ -237,7 +248,7 @@ def generate_job(
     state = {"saved": False}
     try:
         args = _job_args(prompt, negative, prior, renderer, guidance, steps, seed,
-                         guidance_scale, overrides, max_steps)
+                         guidance_scale, overrides, max_steps, method_options)
         image = check_upload(image_path, max_upload_bytes) if image_path else None
         run_dir = new_run_dir(Path(out_root), args.prompt)
         note = ""
@@ -378,7 +389,7 @@ def build_app(
         return getattr(request, "session_hash", None) or "anonymous"
 
     def on_generate(prompt, negative, prior, renderer, guidance, steps, seed, guidance_scale,
-                    image, request: gr.Request):
+                    image, method_options, request: gr.Request):
         event = threading.Event()
         key = session_key(request)
         with cancels_lock:
@@ -388,7 +399,8 @@ def build_app(
             for update in generate_job(prompt, negative, prior, renderer, guidance, steps, seed,
                                        guidance_scale, image, out_root, event,
                                        prior_cache=prior_cache, formats=formats,
-                                       overrides=overrides, max_steps=max_steps):
+                                       overrides=overrides, max_steps=max_steps,
+                                       method_options=method_options):
                 if update.status == "error":
                     gr.Warning(update.message)
                 yield _outputs(gr, update, clear=first)
@@ -430,6 +442,12 @@ def build_app(
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                     guidance_scale = gr.Number(0, label="Guidance scale", minimum=0,
                                                info="0: the method's default", elem_id="guidance-scale")
+                method_options = gr.Textbox(
+                    label="Method options", elem_id="method-options",
+                    placeholder="name=value ..., e.g. lora_lr=1e-3 num_particles=2 (vsd)",
+                    info="The chosen method's own options (the CLI's --<method>.<name>); empty: its preset")
+                with gr.Accordion("Options of the chosen method", open=False):
+                    options_doc = gr.Markdown(_method_options_doc("sds"))
                 image = gr.File(label="Image prompt (vpcsm only; PNG/JPEG/WebP..., at most "
                                 f"{MAX_UPLOAD_BYTES // 2**20} MB)", file_types=list(UPLOAD_SUFFIXES),
                                 type="filepath", elem_id="image-prompt")
@@ -454,15 +472,28 @@ def build_app(
 
         generate_btn.click(
             on_generate,
-            inputs=[prompt, negative, prior, renderer, guidance, steps, seed, guidance_scale, image],
+            inputs=[prompt, negative, prior, renderer, guidance, steps, seed, guidance_scale, image,
+                    method_options],
             outputs=[status, progress, preview, model, result_glb, glb_file, obj_file, ply_file, mp4_file],
             show_progress="full",  # shows the place in the queue while waiting
             api_name="generate",
         ).then(lambda glb: glb, inputs=[result_glb], outputs=[model], queue=False,
                show_progress="hidden", api_visibility="private")
         cancel_btn.click(on_cancel, outputs=[status], queue=False, api_name="cancel")
+        guidance.change(_method_options_doc, inputs=[guidance], outputs=[options_doc], queue=False,
+                        api_visibility="private")
     demo.queue(default_concurrency_limit=int(concurrency))
     return demo
+
+
+def _method_options_doc(method: str) -> str:
+    """Markdown help of a guidance method's options, for the UI's options panel."""
+    from dreamlab.guidance import GUIDANCES
+    from dreamlab.guidance.options import options_help
+
+    if method not in GUIDANCES:
+        return ""
+    return f"**{method}** options (`name=value`):\n\n" + options_help(method, GUIDANCES[method])
 
 
 def _outputs(gr, update: JobUpdate, clear: bool) -> tuple:

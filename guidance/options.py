@@ -213,3 +213,66 @@ def apply_options(cfg: Any, options: Any) -> Any:
     for name, parts in timesteps.items():
         changes[name] = dataclasses.replace(getattr(cfg, name), **parts)
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _option_base_type(hint: Any) -> Any:
+    """The non-None member of an options field's ``Annotated[X | None, ...]`` hint."""
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    return next(a for a in typing.get_args(hint) if a is not type(None))
+
+
+def _convert_option(name: str, base: Any, text: str) -> Any:
+    if typing.get_origin(base) is Literal:
+        choices = [str(c) for c in typing.get_args(base)]
+        if text not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+        return text
+    if base is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+    if base in (int, float):
+        try:
+            return base(text)
+        except ValueError:
+            raise ValueError(f"{name} must be {'an integer' if base is int else 'a number'}, got {text!r}") from None
+    return text  # str, and schedules (read by apply_options)
+
+
+def options_from_text(method: str, config_cls: type, text: str) -> Any:
+    """The method's options (``options_type``) from ``"name=value"`` pairs separated by spaces,
+    commas or new lines (names with ``_`` or ``-``, as in ``--<method>.<name>``): the web UI's
+    way to set what the CLI sets with flags. ValueError naming the known options otherwise."""
+    options_cls = options_type(method, config_cls)
+    hints = typing.get_type_hints(options_cls, include_extras=True)
+    values: dict[str, Any] = {}
+    for token in re.split(r"[\s,]+", (text or "").strip()):
+        if not token:
+            continue
+        name, sep, value = token.partition("=")
+        key = name.strip().lstrip("-").replace("-", "_")
+        if key.startswith(f"{method}."):
+            key = key[len(method) + 1:]
+        if not sep or not value.strip():
+            raise ValueError(f"write {method} options as name=value, got {token!r}")
+        if key not in hints:
+            known = ", ".join(_flag_name(n) for n in hints) or "none"
+            raise ValueError(f"{method} has no option {name!r}; its options: {known}")
+        values[key] = _convert_option(_flag_name(key), _option_base_type(hints[key]), value.strip())
+    return options_cls(**values)
+
+
+def options_help(method: str, config_cls: type) -> str:
+    """Markdown list of the method's options with their help texts (the CLI's ``--help``)."""
+    options_cls = options_type(method, config_cls)
+    lines = []
+    for f in dataclasses.fields(options_cls):
+        hint = typing.get_type_hints(options_cls, include_extras=True)[f.name]
+        meta = typing.get_args(hint)[1:] if typing.get_origin(hint) is Annotated else ()
+        help_text = next((getattr(m, "help", None) for m in meta if getattr(m, "help", None)), "")
+        lines.append(f"- `{_flag_name(f.name)}`: {help_text}")
+    return "\n".join(lines) or "(no options)"

@@ -225,3 +225,18 @@ def test_build_app_wires_the_queue(tmp_path):
     deps = {dep.get("api_name"): dep for dep in demo.config["dependencies"]}
     assert deps["generate"]["queue"] and deps["generate"]["show_progress"] == "full"
     assert deps["cancel"]["queue"] is False  # cancelling never waits behind the running job
+
+
+def test_method_options_reach_the_run_and_bad_ones_are_readable(tmp_path, cache):
+    updates = list(generate_job("a red cube", "", "builtin", "gaussians", "sds", 2, 0, None, None, tmp_path,
+                                None, prior_cache=cache, formats=("png",), overrides=FAST,
+                                method_options="guidance_scale=3.5, timesteps-t-max=0.9"))
+    assert updates[-1].status == "done", updates[-1].message
+    config = json.loads((updates[-1].run_dir / "config.json").read_text())
+    assert config["guidance"]["guidance_scale"] == 3.5
+    for bad, words in [("no_such=1", "has no option 'no_such'"), ("guidance_scale=high", "must be a number"),
+                       ("guidance_scale", "name=value")]:
+        last = list(generate_job("a red cube", "", "builtin", "gaussians", "sds", 2, 0, None, None, tmp_path,
+                                 None, prior_cache=cache, overrides=FAST, method_options=bad))[-1]
+        _assert_readable(last)
+        assert words in last.message
