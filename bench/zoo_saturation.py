@@ -8,7 +8,11 @@ difference ("excess": > 0 means more saturated than the ground truth). Reads the
 benchmark writes, so it is a coarse measure; the layout constants match ``bench.report.grid_png``
 as ``bench.quality._write_png`` calls it (label 220 px, gap 2 px, 64 px tiles).
 
-Usage: python bench/zoo_saturation.py [METHOD ...]
+New runs of ``dreamlab bench quality`` report the same quantity exactly (the "saturation" column,
+docs/metrics.md, from float renders); this script reads it back from the PNGs of runs made before
+that column existed.
+
+Usage: python bench/zoo_saturation.py [--root bench-results/zoo-composites] [METHOD ...]
 """
 
 from __future__ import annotations
@@ -43,11 +47,14 @@ def method_saturation(png: Path) -> tuple[float, float]:
     return float(np.mean(results)), float(np.mean(truths))
 
 
-def main(methods: list[str]) -> None:
-    methods = methods or sorted(p.name for p in ROOT.iterdir() if (p / "quality.png").is_file())
+def main(argv: list[str]) -> None:
+    root = ROOT
+    if argv[:1] == ["--root"]:
+        root, argv = Path(argv[1]), argv[2:]
+    methods = argv or sorted(p.name for p in root.iterdir() if (p / "quality.png").is_file())
     print("| method | result saturation | truth | excess |\n|---|---|---|---|")
     for name in methods:
-        result, truth = method_saturation(ROOT / name / "quality.png")
+        result, truth = method_saturation(root / name / "quality.png")
         print(f"| {name} | {result:.3f} | {truth:.3f} | {result - truth:+.3f} |")
 
 
