@@ -1,0 +1,204 @@
+"""Instant-NGP multiresolution hash encoding (Müller et al. 2022), in pure PyTorch.
+
+Why hand-written: the reference implementation of the encoding, tiny-cuda-nn, is a CUDA-only
+extension (it neither builds nor runs without a GPU), and dreamlab must train and test on CPU.
+This module is the *reference twin*: plain tensor ops, any device, any float dtype (float64 for
+``gradcheck``). The intended GPU path is tiny-cuda-nn's ``HashGrid`` when it is installed and
+the tensors are on CUDA; it is imported lazily and never on CPU. That switch is **not
+implemented yet**: ``backend="tcnn"`` raises ``NotImplementedError`` (see :func:`select_backend`)
+and ``"auto"`` always resolves to ``"torch"``. Wiring it needs a parameter-layout converter,
+because tiny-cuda-nn places grid vertices differently (``scale = N_min b^l - 1``, positions offset
+by 0.5) from the paper's formulas used here.
+
+The encoding (paper, Sec. 3, Eqs. 2-4):
+
+* ``L`` levels, ``F`` features per level, a table of at most ``T = 2**log2_T`` entries per level.
+* Level ``l`` has resolution ``N_l = floor(N_min * b**l)`` with the growth factor
+  ``b = exp((ln N_max - ln N_min) / (L - 1))``; its grid has ``N_l + 1`` vertices per axis and
+  an input ``x in [0, 1]^3`` is scaled to ``x * N_l``.
+* A level whose dense grid fits, ``(N_l + 1)**3 <= T``, indexes its table densely
+  (``i + j (N_l+1) + k (N_l+1)**2``, table of exactly ``(N_l+1)**3`` rows); a finer level uses
+  the spatial hash ``(i * 1 xor j * 2654435761 xor k * 805459861) mod T``. The products are done in
+  int64 (no overflow: ``N_l * 2.7e9 << 2**63``); since ``T`` is a power of two, ``mod T`` of the
+  int64 result equals tiny-cuda-nn's uint32 wrap-around result.
+* The 8 corner features are blended trilinearly; the levels' outputs are concatenated
+  (level-major: ``[level0 f0..fF-1, level1 ...]``), giving ``L * F`` features.
+* Inputs are clamped to ``[0, 1]`` (no gradient outside).
+* Table entries start uniform in ``[-1e-4, 1e-4]`` (paper, Sec. 4).
+
+Progressive unlocking (coarse-to-fine, as in threestudio's ``ProgressiveBandHashGrid`` and
+Neuralangelo): only the first ``active_levels`` levels contribute, finer levels output zeros
+(and so receive no gradient). :class:`LevelSchedule` maps a training step to that count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+PRIMES = (1, 2654435761, 805459861)
+"""Instant-NGP's per-axis hash primes (the first is 1 for cache coherence)."""
+
+
+@dataclass(frozen=True)
+class LevelSchedule:
+    """How many levels are active at a training step: ``start + step // every``, at most ``L``.
+
+    ``every = 0`` disables progressive unlocking (all levels from step 0).
+    """
+
+    start: int = 4
+    every: int = 0
+
+    def active_levels(self, step: int, num_levels: int) -> int:
+        if self.every <= 0:
+            return num_levels
+        return max(1, min(num_levels, self.start + max(0, step) // self.every))
+
+
+def growth_factor(num_levels: int, base_resolution: int, max_resolution: int) -> float:
+    """``b = exp((ln N_max - ln N_min) / (L - 1))`` (1.0 for a single level)."""
+    if num_levels <= 1:
+        return 1.0
+    return math.exp((math.log(max_resolution) - math.log(base_resolution)) / (num_levels - 1))
+
+
+def level_resolutions(num_levels: int, base_resolution: int, max_resolution: int) -> list[int]:
+    """``N_l = floor(N_min * b**l)`` for every level (a tiny epsilon guards float round-down)."""
+    b = growth_factor(num_levels, base_resolution, max_resolution)
+    return [math.floor(base_resolution * b**level + 1e-9) for level in range(num_levels)]
+
+
+def select_backend(backend: str, device: torch.device) -> str:
+    """Resolves ``"auto" | "torch" | "tcnn"`` for ``device``. Only ``"torch"`` exists for now."""
+    if backend in ("auto", "torch"):
+        return "torch"
+    if backend == "tcnn":
+        if torch.device(device).type != "cuda":
+            raise ValueError("backend 'tcnn' needs CUDA tensors; use 'torch' or 'auto' on CPU")
+        raise NotImplementedError(
+            "the tiny-cuda-nn hash-grid backend is not wired yet; use backend 'torch' (or 'auto')"
+        )
+    raise ValueError(f"unknown hash-encoding backend {backend!r} (auto | torch | tcnn)")
+
+
+class HashEncoding(nn.Module):
+    """Multiresolution hash encoding ``[N, 3] in [0, 1]^3 -> [N, L * F]``."""
+
+    def __init__(
+        self,
+        num_levels: int = 16,
+        features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        max_resolution: int = 2048,
+        init_scale: float = 1e-4,
+        schedule: LevelSchedule | None = None,
+        backend: Literal["auto", "torch", "tcnn"] = "auto",
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if num_levels < 1 or features_per_level < 1:
+            raise ValueError("num_levels and features_per_level must be >= 1")
+        if not 1 <= log2_hashmap_size <= 30:
+            raise ValueError(f"log2_hashmap_size must lie in [1, 30], got {log2_hashmap_size}")
+        if base_resolution < 1 or max_resolution < base_resolution:
+            raise ValueError("need 1 <= base_resolution <= max_resolution")
+        self.num_levels = num_levels
+        self.features_per_level = features_per_level
+        self.log2_hashmap_size = log2_hashmap_size
+        self.hashmap_size = 2**log2_hashmap_size
+        self.base_resolution = base_resolution
+        self.max_resolution = max_resolution
+        self.schedule = schedule if schedule is not None else LevelSchedule()
+        self.backend_request = backend
+        self.resolutions = level_resolutions(num_levels, base_resolution, max_resolution)
+        self.hashed: list[bool] = []
+        sizes: list[int] = []
+        for res in self.resolutions:
+            dense = (res + 1) ** 3
+            self.hashed.append(dense > self.hashmap_size)
+            sizes.append(min(dense, self.hashmap_size))
+        self.level_sizes = sizes
+        self.offsets = [0]
+        for s in sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        table = torch.rand(self.offsets[-1], features_per_level, generator=generator) * 2 - 1
+        self.table = nn.Parameter((table * init_scale).to(dtype))  # [sum of level sizes, F]
+        self.active_levels = self.schedule.active_levels(0, num_levels)
+        # corner offsets (bit 0: x, bit 1: y, bit 2: z)
+        corners = torch.tensor([[(c >> a) & 1 for a in range(3)] for c in range(8)])
+        self.register_buffer("_corners", corners, persistent=False)  # [8, 3] int64
+
+    @property
+    def output_dim(self) -> int:
+        return self.num_levels * self.features_per_level
+
+    def update_step(self, step: int) -> None:
+        """Sets ``active_levels`` from the schedule for training step ``step``."""
+        self.active_levels = self.schedule.active_levels(step, self.num_levels)
+
+    def level_mask(self, active_levels: int | None = None) -> Tensor:
+        """``[L * F]`` 0/1 mask: ones for the features of the first ``active_levels`` levels."""
+        n = self.active_levels if active_levels is None else active_levels
+        mask = torch.zeros(self.num_levels, self.features_per_level, dtype=self.table.dtype)
+        mask[:n] = 1.0
+        return mask.reshape(-1).to(self.table.device)
+
+    def level_indices(self, level: int, corner_coords: Tensor) -> Tensor:
+        """Table rows (global, offsets included) of integer grid vertices ``[..., 3]``."""
+        res1 = self.resolutions[level] + 1
+        if self.hashed[level]:
+            idx = (
+                (corner_coords[..., 0] * PRIMES[0])
+                ^ (corner_coords[..., 1] * PRIMES[1])
+                ^ (corner_coords[..., 2] * PRIMES[2])
+            ) & (self.hashmap_size - 1)
+        else:
+            idx = corner_coords[..., 0] + res1 * (
+                corner_coords[..., 1] + res1 * corner_coords[..., 2]
+            )
+        return idx + self.offsets[level]
+
+    def forward(self, x: Tensor, active_levels: int | None = None) -> Tensor:
+        """Encodes ``x`` ``[N, 3]`` (in ``[0, 1]^3``, clamped) into ``[N, L * F]``.
+
+        Args:
+            active_levels: levels that contribute (default ``self.active_levels``); the rest
+                output zeros.
+        """
+        assert x.ndim == 2 and x.shape[1] == 3, x.shape
+        if select_backend(self.backend_request, x.device) != "torch":  # pragma: no cover
+            raise NotImplementedError
+        n_active = self.active_levels if active_levels is None else active_levels
+        x = x.to(self.table.dtype).clamp(0.0, 1.0)
+        corners = self._corners.to(x.device)
+        outs = []
+        for level, res in enumerate(self.resolutions):
+            if level >= n_active:
+                outs.append(x.new_zeros(x.shape[0], self.features_per_level))
+                continue
+            pos = x * res
+            base = pos.detach().floor().clamp(0, res - 1)
+            frac = pos - base  # [N, 3], in [0, 1]
+            coords = base.long()[:, None, :] + corners[None]  # [N, 8, 3]
+            idx = self.level_indices(level, coords)  # [N, 8]
+            # weight of corner c: prod over axes of frac (bit set) or 1 - frac (bit clear)
+            w = torch.where(corners[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)
+            feats = self.table[idx.reshape(-1)].reshape(x.shape[0], 8, self.features_per_level)
+            outs.append((w[..., None] * feats).sum(1))
+        return torch.cat(outs, dim=-1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self.num_levels}, F={self.features_per_level}, T=2^{self.log2_hashmap_size}, "
+            f"resolutions={self.resolutions[0]}..{self.resolutions[-1]}, "
+            f"params={self.table.numel()}"
+        )
