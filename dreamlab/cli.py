@@ -242,11 +242,11 @@ def _setup_run_logging(run_dir: Path) -> logging.Handler:
 def generate(args: GenerateArgs) -> int:
     from dreamlab.generation import export_run, open_run
 
-    cfg = build_run_config(args)
-    run_dir = args.out / prompt_slug(cfg.prompt)
+    run_dir = args.out / prompt_slug(args.prompt)  # open_run validates args before touching it
     _quiet_library_progress_bars()
     opened = open_run(args, run_dir)
     trainer = opened.trainer
+    cfg = trainer.cfg
     handler = _setup_run_logging(run_dir)
     try:
         _say(f"dreamlab: generating {cfg.prompt!r} into {run_dir}")
@@ -265,15 +265,6 @@ def generate(args: GenerateArgs) -> int:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
-
-
-def resolve_device_or_fail(name: str):
-    from dreamlab.train import resolve_device
-
-    try:
-        return resolve_device(name)
-    except ValueError as err:
-        raise UserError(str(err)) from None
 
 
 def _quiet_library_progress_bars() -> None:
