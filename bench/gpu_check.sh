@@ -4,7 +4,8 @@
 #      mirroring pyproject's package-dir: no setuptools or network needed), plus carried wheels;
 #   2. starts gsplat's JIT build in the background (if gsplat imports);
 #   3. builds dreamlab's CUDA rasterizer ahead of time (python -m dreamlab.cuda_ext.build);
-#   4. runs the tests marked gpu (tests/test_cuda_ext.py, tests/test_rasterizer_backends.py);
+#   4. runs the tests marked gpu (tests/test_cuda_ext.py, tests/test_rasterizer_backends.py,
+#      tests/test_nerf_backends.py: its tiny-cuda-nn / nerfacc tests skip unless those are installed);
 #   5. runs bench/bench_gpu.py: rasterizer backends at 512² / 1024² x 100k / 500k / 1M Gaussians,
 #      one SDS and one VSD step with an SD 2.1-base-architecture UNet + VAE (random fp16 weights),
 #      and a full default `dreamlab generate "a red cube" --device cuda` run;
@@ -108,7 +109,8 @@ run_tests() {  # $1: label, $2: -k expression
   local t0 rc summary
   t0=$(elapsed)
   timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider -k "$2" \
-    tests/test_cuda_ext.py tests/test_rasterizer_backends.py >>"$OUT_DIR/pytest_gpu.log" 2>&1
+    tests/test_cuda_ext.py tests/test_rasterizer_backends.py tests/test_nerf_backends.py \
+    >>"$OUT_DIR/pytest_gpu.log" 2>&1
   rc=$?
   summary=$(grep -E "passed|failed|error|skipped|no tests ran" "$OUT_DIR/pytest_gpu.log" | tail -n 1)
   record "$1" "$([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)")" "$(($(elapsed) - t0)) s: $summary"

@@ -302,6 +302,11 @@ def job_generate_args(job: Job, batch: BatchArgs) -> GenerateArgs:
     method_options = getattr(batch, args.guidance, None)  # --<method>.<field> of the batch's method
     if method_options is not None and args.guidance == batch.guidance:
         setattr(args, args.guidance, method_options)
+    from dreamlab.cli import renderer_options
+
+    options = renderer_options(batch)  # --<renderer>.<field> of the batch's renderer
+    if options is not None and args.renderer == batch.renderer:
+        setattr(args, args.renderer, options)
     return args
 
 
@@ -578,9 +583,10 @@ def ray_flag_default(argv: list[str]) -> list[str]:
     return out
 
 
-def batch_args_type(method: str) -> type:
-    """BatchArgs plus the batch guidance's ``--<method>.<field>`` options."""
+def batch_args_type(method: str, renderer: str | None = None) -> type:
+    """BatchArgs plus the batch guidance's ``--<method>.<field>`` options (and the batch
+    renderer's ``--<renderer>.<field>``)."""
     from dreamlab.cli import args_with_guidance_options
 
-    return args_with_guidance_options(BatchArgs, method)
+    return args_with_guidance_options(BatchArgs, method, renderer)
 

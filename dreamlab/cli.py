@@ -75,6 +75,9 @@ class GenerateArgs:
     rasterizer: Literal["auto", "torch", "cuda", "gsplat"] | None = None
     """Gaussian rasterizer backend: auto (dreamlab's CUDA kernels on a GPU when they build, else
     gsplat if installed, else torch), torch, cuda or gsplat (docs/renderer.md). Default: auto."""
+    init_from: Path | None = None
+    """Coarse-to-fine: start the Gaussians from a finished run's density field (a run folder or
+    checkpoint, e.g. of a --renderer nerf run) instead of a random ball (docs/nerf.md)."""
     formats: tuple[Literal["glb", "obj", "ply", "mp4", "png"], ...] = ("glb", "obj", "ply", "mp4", "png")
     """Outputs to write after training: glb, obj, ply (splats), mp4 (turntable), png (preview)."""
     device: str = "auto"
@@ -200,6 +203,7 @@ def build_run_config(args: GenerateArgs):
             gaussians=args.gaussians,
             resolution=args.resolution,
             rasterizer=args.rasterizer,
+            init_from=None if args.init_from is None else str(args.init_from),
             negative_prompt=args.negative_prompt,
             checkpoint_every=args.checkpoint_every,
             device=args.device,
@@ -216,6 +220,12 @@ def build_run_config(args: GenerateArgs):
             from dreamlab.guidance.options import apply_options
 
             cfg.guidance = apply_options(cfg.guidance, options)
+            cfg.validate()
+        options = renderer_options(args)
+        if options is not None:
+            from dreamlab.guidance.options import apply_options
+
+            cfg.renderer = apply_options(cfg.renderer, options)
             cfg.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -431,38 +441,66 @@ COMMAND_GROUPS = {
 }
 
 
+def _flag_value(argv: list[str], flag: str, default: str) -> str:
+    """The value of ``flag`` in ``argv`` (``default`` when absent), before tyro parses it."""
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
 def guidance_from_argv(argv: list[str], default: str | None = None) -> str:
     """The value of ``--guidance`` in ``argv`` (the default, sds, when absent), before tyro parses it."""
-    for index, arg in enumerate(argv):
-        if arg == "--guidance" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--guidance="):
-            return arg.split("=", 1)[1]
-    return GenerateArgs.guidance if default is None else default
+    return _flag_value(argv, "--guidance", GenerateArgs.guidance if default is None else default)
 
 
-def args_with_guidance_options(base: type, method: str) -> type:
+def renderer_from_argv(argv: list[str], default: str | None = None) -> str:
+    """The value of ``--renderer`` in ``argv`` (the default, gaussians, when absent)."""
+    return _flag_value(argv, "--renderer", GenerateArgs.renderer if default is None else default)
+
+
+RENDERERS_WITH_OPTIONS = ("nerf",)
+"""Renderers whose config fields are command-line options ``--<renderer>.<field>`` (the Gaussians
+keep their two flags, ``--gaussians`` and ``--rasterizer``; their other fields are in config files)."""
+
+
+def args_with_guidance_options(base: type, method: str, renderer: str | None = None) -> type:
     """``base`` (a command's dataclass) plus ``--<method>.<field>`` options of the chosen guidance
-    (its own help text). An unknown method gets plain ``base``; the command then names the known ones.
+    (its own help text) and, for a renderer in ``RENDERERS_WITH_OPTIONS``, its
+    ``--<renderer>.<field>`` options. An unknown method or renderer adds nothing; the command then
+    names the known ones.
     """
     from dreamlab.guidance import GUIDANCES
     from dreamlab.guidance.options import options_type
+    from dreamlab.renderers import RENDERERS
 
-    if method not in GUIDANCES:
+    extra = []
+    if method in GUIDANCES:
+        options = options_type(method, GUIDANCES[method])
+        extra.append((method, options, dataclasses.field(default_factory=options)))
+    if renderer in RENDERERS_WITH_OPTIONS and renderer in RENDERERS:
+        options = options_type(renderer, RENDERERS[renderer])
+        extra.append((renderer, options, dataclasses.field(default_factory=options)))
+    if not extra:
         return base
-    options = options_type(method, GUIDANCES[method])
-    made = dataclasses.make_dataclass(
-        base.__name__,
-        [(method, options, dataclasses.field(default_factory=options))],
-        bases=(base,),
-    )
+    made = dataclasses.make_dataclass(base.__name__, extra, bases=(base,))
     made.__doc__ = base.__doc__
     return made
 
 
-def generate_args_with_guidance_options(method: str) -> type:
-    """GenerateArgs plus the chosen guidance's ``--<method>.<field>`` options."""
-    return args_with_guidance_options(GenerateArgs, method)
+def generate_args_with_guidance_options(method: str, renderer: str | None = None) -> type:
+    """GenerateArgs plus the chosen guidance's ``--<method>.<field>`` options (and the renderer's)."""
+    return args_with_guidance_options(GenerateArgs, method, renderer)
+
+
+def renderer_options(args) -> object | None:
+    """The ``--<renderer>.<field>`` options parsed for ``args.renderer``, if it has any."""
+    if args.renderer not in RENDERERS_WITH_OPTIONS:
+        return None
+    options = getattr(args, args.renderer, None)
+    return options if dataclasses.is_dataclass(options) else None
 
 
 def _parse(argv: list[str]):
@@ -476,17 +514,24 @@ def _parse(argv: list[str]):
         group = {name: types_by_name[t] for name, t in COMMAND_GROUPS[argv[0]].items()}
         if argv[0] == "bench" and len(argv) > 1 and argv[1] == "quality":  # + the method's options
             group["quality"] = args_with_guidance_options(
-                BenchQualityArgs, guidance_from_argv(argv[2:], BenchQualityArgs.guidance)
+                BenchQualityArgs,
+                guidance_from_argv(argv[2:], BenchQualityArgs.guidance),
+                renderer_from_argv(argv[2:], BenchQualityArgs.renderer),
             )
         return tyro.extras.subcommand_cli_from_dict(group, args=argv[1:], prog=f"dreamlab {argv[0]}")
     from dreamlab.batch import BatchArgs, batch_args_type, ray_flag_default
 
     generate_type, batch_type = GenerateArgs, BatchArgs
     if argv and argv[0] == "generate":
-        generate_type = generate_args_with_guidance_options(guidance_from_argv(argv[1:]))
+        generate_type = generate_args_with_guidance_options(
+            guidance_from_argv(argv[1:]), renderer_from_argv(argv[1:])
+        )
     if argv and argv[0] == "batch":
         argv = ray_flag_default(argv)
-        batch_type = batch_args_type(guidance_from_argv(argv[1:], BatchArgs.guidance))
+        batch_type = batch_args_type(
+            guidance_from_argv(argv[1:], BatchArgs.guidance),
+            renderer_from_argv(argv[1:], BatchArgs.renderer),
+        )
     return tyro.extras.subcommand_cli_from_dict(
         {"generate": generate_type, "batch": batch_type, "export": ExportArgs, "app": AppArgs},
         args=argv,

@@ -23,6 +23,7 @@ from dreamlab.guidance import GUIDANCES, BUILTIN_PRIOR_GUIDANCE_PRESETS, Guidanc
 from dreamlab.guidance.sds import SDSConfig
 from dreamlab.prompts import PromptConfig
 from dreamlab.renderers.gaussians.model import GaussianConfig
+from dreamlab.renderers.nerf.model import NeRFConfig
 
 MAX_PROMPT_CHARS = 1000
 """Longer prompts are refused: text encoders read 77 tokens, the rest would be silently lost."""
@@ -86,8 +87,8 @@ class RunConfig:
     """Diffusion prior: a short name (see ``dreamlab.priors.PRIORS``), a hub id, or a local diffusers folder."""
     guidance: GuidanceConfig = field(default_factory=SDSConfig)
     """Score-distillation rule and its settings."""
-    renderer: GaussianConfig = field(default_factory=GaussianConfig)
-    """3D representation and its settings."""
+    renderer: GaussianConfig | NeRFConfig = field(default_factory=GaussianConfig)
+    """3D representation and its settings (Gaussian splats or a hash-grid NeRF)."""
     prompt_processing: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=lambda: ExportConfig(video=CPU_FRIENDLY_VIDEO))
@@ -133,6 +134,7 @@ def make_run_config(
     device: str = "auto",
     image_prompt: str | None = None,
     rasterizer: str | None = None,
+    init_from: str | None = None,
 ) -> RunConfig:
     """A validated RunConfig: the preset for the chosen prior, then the given overrides.
 
@@ -174,9 +176,18 @@ def make_run_config(
             raise ValueError(f"--image-prompt applies to --guidance vpcsm only, not {guidance}")
         cfg.guidance = dataclasses.replace(cfg.guidance, image_prompt=str(image_prompt))
     if gaussians is not None:
+        if not isinstance(cfg.renderer, GaussianConfig):
+            raise ValueError(f"--gaussians applies to the gaussians renderer, not {renderer!r}")
         if gaussians < 1:
             raise ValueError(f"--gaussians must be >= 1, got {gaussians}")
         cfg.renderer = dataclasses.replace(cfg.renderer, num_init=gaussians)
+    if init_from is not None:
+        if not isinstance(cfg.renderer, GaussianConfig):
+            raise ValueError(f"--init-from applies to the gaussians renderer, not {renderer!r}")
+        source = Path(init_from).expanduser()
+        if not source.exists():
+            raise ValueError(f"--init-from {init_from}: no such run folder or checkpoint file")
+        cfg.renderer = dataclasses.replace(cfg.renderer, init_from=str(source.resolve()))
     if rasterizer is not None:
         from dreamlab.renderers.gaussians.rasterize import BACKENDS
 
@@ -193,6 +204,21 @@ def make_run_config(
         cfg.train.resolution = schedules.Piecewise((float(resolution),), ())
     cfg.validate()
     return cfg
+
+
+BUILTIN_PRIOR_NERF_RESOLUTION = 32
+"""NeRF render size with the builtin prior: the prior sees 32 px images, and volume rendering
+costs per pixel (64 px renders are downsampled to 32 anyway; docs/nerf.md has the timings)."""
+
+BUILTIN_PRIOR_NERF_PRESET: dict[str, Any] = dict(
+    log2_hashmap_size=16,
+    max_resolution=256,
+    num_levels=12,
+    num_samples=48,
+)
+"""NeRF settings with the builtin prior on a CPU: a smaller hash table (2^16 rows per level: the
+Adam step over 2^19-row tables dominated the step time) and coarser finest level (256 cells across
+the box, ~8 per pixel of a 32 px render), fewer samples per ray (docs/nerf.md, measured)."""
 
 
 def _apply_prior_preset(cfg: RunConfig) -> None:
@@ -213,6 +239,9 @@ def _apply_prior_preset(cfg: RunConfig) -> None:
     cfg.train.steps = 600
     if isinstance(cfg.renderer, GaussianConfig):
         cfg.renderer = dataclasses.replace(cfg.renderer, num_init=2000, init_radius=0.35)
+    if isinstance(cfg.renderer, NeRFConfig):
+        cfg.renderer = dataclasses.replace(cfg.renderer, **BUILTIN_PRIOR_NERF_PRESET)
+        cfg.train.resolution = schedules.Piecewise((float(BUILTIN_PRIOR_NERF_RESOLUTION),), ())
 
 
 def validate_prompt(prompt: str) -> str:

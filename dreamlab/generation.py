@@ -129,6 +129,7 @@ def export_run(trainer, run_dir: Path, formats, train_seconds: float = 0.0) -> R
 def run_settings(cfg) -> dict:
     """The settings a user would name to reproduce a run (shown in manifests and the UI)."""
     from dreamlab.guidance import GUIDANCES
+    from dreamlab.renderers import renderer_name
 
     guidance = next((name for name, kind in GUIDANCES.items() if isinstance(cfg.guidance, kind)), "?")
     return {
@@ -136,7 +137,7 @@ def run_settings(cfg) -> dict:
         "negative_prompt": cfg.prompt_processing.negative_prompt,
         "prior": str(cfg.prior),
         "guidance": guidance,
-        "renderer": "gaussians",
+        "renderer": renderer_name(cfg.renderer),
         "steps": cfg.train.steps,
         "seed": cfg.train.seed,
     }

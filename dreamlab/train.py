@@ -40,6 +40,7 @@ from dreamlab.priors.base import Prior
 from dreamlab.prompts import build_prompt_embeds
 from dreamlab.renderers.base import Renderer
 from dreamlab.renderers.gaussians.model import GaussianConfig, GaussianRenderer
+from dreamlab.renderers.nerf.model import NeRFConfig, NeRFRenderer
 from dreamlab.types import Cameras, StepReport
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,21 @@ def prior_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
 def build_renderer(cfg: RunConfig, generator: torch.Generator, device: torch.device) -> Renderer:
     """Builds the (freshly initialised) representation named by ``cfg.renderer``."""
     if isinstance(cfg.renderer, GaussianConfig):
+        if cfg.renderer.init_from:
+            from dreamlab.renderers.gaussians.from_density import (
+                gaussians_from_renderer,
+                load_renderer_from_checkpoint,
+            )
+
+            source = load_renderer_from_checkpoint(cfg.renderer.init_from)
+            return gaussians_from_renderer(
+                source, cfg.renderer, generator,
+                resolution=cfg.renderer.init_grid_resolution,
+                surface_fraction=cfg.renderer.init_surface_fraction,
+            ).to(device)
         return GaussianRenderer(cfg.renderer, generator=generator).to(device)
+    if isinstance(cfg.renderer, NeRFConfig):
+        return NeRFRenderer(cfg.renderer, generator=generator, device=device)
     raise TypeError(f"unknown renderer config {type(cfg.renderer).__name__}")
 
 
@@ -252,6 +267,8 @@ class Trainer:
             views.append((cams, self._backgrounds(len(cams))))
 
         self.optimizer.zero_grad(set_to_none=True)
+        for renderer in self.renderers:
+            renderer.begin_step(self.step, progress)
         outs = [r.render(cams, background) for r, (cams, background) in zip(self.renderers, views)]
         if particles == 1:
             rgb, cams = outs[0].rgb, views[0][0]

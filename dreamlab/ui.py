@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from dreamlab.cli import GenerateArgs, UserError, prompt_slug
+from dreamlab.renderers import RENDERERS as RENDERER_CONFIGS
 
 log = logging.getLogger(__name__)
 
 GUIDANCE_NAMES = ("sds", "vsd", "esd", "csm", "vpcsm", "ism", "tsm", "asd", "bsd", "dsd", "cds")
 PRIOR_CHOICES = ("builtin", "sd15", "sd21-base", "sd21")
-RENDERERS = ("gaussians",)
+RENDERERS = tuple(RENDERER_CONFIGS)
 EXAMPLE_PROMPTS = ("a red cube", "a blue torus", "a snowman", "a house", "a yellow cone")
 DEFAULT_FORMATS = ("glb", "obj", "ply", "mp4", "png")
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")

@@ -42,6 +42,9 @@ class Renderer(nn.Module, abc.ABC):
     def param_groups(self) -> list[ParamGroup]:
         """Trainable tensors, grouped by learning rate."""
 
+    def begin_step(self, step: int, progress: float) -> None:
+        """Hook run before a training step's renders (e.g. progress-dependent shading); no-op."""
+
     def regularizers(self, out: RenderOutput, progress: float) -> Tensor:
         """Extra scalar loss terms for this step (already weighted); zero by default."""
         return out.rgb.new_zeros(())

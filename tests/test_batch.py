@@ -176,3 +176,18 @@ def test_only_complete_results_count_as_finished(tmp_path: Path):
     assert read_result(tmp_path) is None
     (tmp_path / RESULT_FILE).write_text("{not json")
     assert read_result(tmp_path) is None
+
+
+def test_batch_renderer_options_reach_each_job(tmp_path: Path):
+    from dreamlab.batch import job_generate_args
+    from dreamlab.cli import _parse, build_run_config
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red cube"}\n{"prompt": "a blue cube", "renderer": "gaussians"}\n')
+    batch = _parse(["batch", str(prompts), "--out", str(tmp_path / "out"), "--renderer", "nerf",
+                    "--nerf.num-samples", "12", "--nerf.shading", "textureless"])
+    nerf_job, gaussian_job = plan_jobs(read_rows(prompts), [0])
+    cfg = build_run_config(job_generate_args(nerf_job, batch))
+    assert cfg.renderer.num_samples == 12 and cfg.renderer.shading == "textureless"
+    # a row that picks another renderer does not get the batch renderer's options
+    assert not hasattr(build_run_config(job_generate_args(gaussian_job, batch)).renderer, "num_samples")

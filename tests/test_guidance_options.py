@@ -80,3 +80,47 @@ def test_method_help_lists_its_options(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--sds.weighting" in out and "paper default" in out and "fantasia3d" in out
+
+
+# ------------------------------------------------------------------ renderer options (--nerf.*)
+
+
+def test_nerf_options_override_the_preset_only_where_given():
+    from dreamlab.config import BUILTIN_PRIOR_NERF_PRESET
+    from dreamlab.renderers.nerf import NeRFConfig
+
+    argv = ["generate", "a red cube", "--renderer", "nerf", "--nerf.num-samples", "16",
+            "--nerf.shading", "random", "--nerf.lr-encoding", "linear:0.01,0.001"]
+    cfg = build_run_config(_parse(argv))
+    assert isinstance(cfg.renderer, NeRFConfig)
+    assert cfg.renderer.num_samples == 16 and cfg.renderer.shading == "random"
+    assert cfg.renderer.lr_encoding == Linear(0.01, 0.001)
+    # untouched fields keep the builtin prior's NeRF preset
+    assert cfg.renderer.log2_hashmap_size == BUILTIN_PRIOR_NERF_PRESET["log2_hashmap_size"]
+    plain = build_run_config(_parse(["generate", "a red cube", "--renderer", "nerf"]))
+    assert plain.renderer.num_samples == BUILTIN_PRIOR_NERF_PRESET["num_samples"]
+    assert plain.renderer.shading == NeRFConfig().shading
+
+
+def test_renderer_options_and_flags_are_checked(capsys, tmp_path):
+    assert main(["generate", "a red cube", "--renderer", "nerf", "--nerf.lambda-orientation", "-1",
+                 "--out", str(tmp_path)]) == 2
+    assert "lambda_orientation" in capsys.readouterr().err
+    assert main(["generate", "a red cube", "--renderer", "nerf", "--gaussians", "10", "--out", str(tmp_path)]) == 2
+    assert "--gaussians applies to the gaussians renderer" in capsys.readouterr().err
+    assert main(["generate", "a red cube", "--renderer", "nerf", "--init-from", str(tmp_path),
+                 "--out", str(tmp_path)]) == 2
+    assert "--init-from applies to the gaussians renderer" in capsys.readouterr().err
+    assert main(["generate", "a red cube", "--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the gaussians renderer has no --nerf.* options
+        main(["generate", "a red cube", "--nerf.num-samples", "8"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nerf_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--renderer", "nerf", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--nerf.shading" in out and "--nerf.num-samples" in out and "--sds.weighting" in out

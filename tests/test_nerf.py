@@ -420,3 +420,108 @@ def test_renderer_on_cuda_matches_cpu():
     out.rgb.mean().backward()
     assert r.field.encoding.table.grad.abs().sum() > 0
     assert r.density(torch.zeros(1, 3)).device.type == "cpu"
+
+
+# ------------------------------------------------------------------ shading, backgrounds, regularisers
+
+
+def front_camera(size: int = 16):
+    one = torch.ones(1)
+    return orbit_cameras(0.0 * one, 0.0 * one, 2.4 * one, 45.0 * one, size, size)
+
+
+def test_lambertian_shading_follows_the_light():
+    r = small_renderer(shading="lambertian", light_jitter=0.0, light_distance=(1.0, 1.0))
+    cams = front_camera(16)
+    front = r.render(cams, torch.ones(3))  # training mode, gradients on: shaded
+    assert front.aux.shading.mode == "lambertian"
+    torch.testing.assert_close(front.aux.shading.lights, cams.c2w[:, :3, 3])  # at the camera
+    with torch.no_grad():
+        albedo = r.render(cams, torch.ones(3))  # no gradients: albedo (exports, previews)
+    assert albedo.aux.shading.mode == "albedo"
+    # lit from behind, the visible side gets the ambient light only
+    r._light_positions = lambda c: -c.c2w[:, :3, 3]
+    behind = r.render(cams, torch.ones(3))
+    a, lit, dark = albedo.rgb[0, 8, 8], front.rgb[0, 8, 8], behind.rgb[0, 8, 8]
+    assert (lit > 0.6 * a).all() and (lit <= a + 1e-6).all()
+    alpha = float(albedo.alpha[0, 8, 8])
+    ambient_only = 0.1 * a * alpha + (1 - alpha)  # albedo * ambient over the white background
+    assert (dark < ambient_only + 0.1 * a).all() and (dark < 0.5 * lit).all()
+    front.rgb.mean().backward()  # the normals carry gradient back to the field
+    assert r.field.encoding.table.grad.abs().sum() > 0
+
+
+def test_textureless_shading_is_grey_and_random_respects_its_start():
+    r = small_renderer(shading="textureless", light_jitter=0.0)
+    out = r.render(front_camera(12), torch.ones(3))
+    px = out.rgb[0, 6, 6]
+    assert float(px.max() - px.min()) < 1e-5  # white albedo: grey, whatever the field's colour
+    rand = small_renderer(shading="random", shading_start=0.5, lambertian_probability=1.0)
+    rand.begin_step(0, 0.2)
+    assert rand.render(front_camera(8), torch.ones(3)).aux.shading.mode == "albedo"
+    rand.begin_step(10, 0.8)
+    modes = {rand.render(front_camera(8), torch.ones(3)).aux.shading.mode for _ in range(12)}
+    assert modes == {"lambertian", "textureless"}
+
+
+def test_opaque_regulariser_is_the_binary_entropy_of_alpha():
+    r = small_renderer(lambda_opaque=0.3)
+    out = r.render(front_camera(10), torch.ones(3))
+    a = out.alpha.clamp(1e-5, 1 - 1e-5)
+    want = 0.3 * (-(a * a.log() + (1 - a) * (1 - a).log())).mean()
+    torch.testing.assert_close(r.regularizers(out, 0.0), want)
+
+
+def test_orientation_loss_penalises_normals_facing_away():
+    r = small_renderer(lambda_orientation=1.0)
+    out = r.render(front_camera(12), torch.ones(3))
+    value = out.aux.shading.orientation
+    # the initial blob's normals point outwards, towards the camera on the visible side
+    assert 0.0 <= float(value) < 0.05
+    # a hollow shell seen from outside: density grows outwards, so normals point inwards
+    flipped = small_renderer(lambda_orientation=1.0, density_blob="none")
+    with torch.no_grad():
+        mlp = flipped.field.density_mlp[-1]
+        mlp.weight.zero_(), mlp.bias.zero_()
+    flipped.field.blob = "blob_magic3d"
+    flipped.field.blob_scale = -10.0  # density rises with the radius
+    flipped.field.blob_radius = 0.5
+    out2 = flipped.render(front_camera(12), torch.ones(3))
+    assert float(out2.aux.shading.orientation) > 10 * float(value) + 0.01
+    r.regularizers(out, 0.0).backward()
+    assert r.field.encoding.table.grad.abs().sum() > 0
+
+
+def test_environment_background_while_training_only():
+    r = small_renderer(background="mlp")
+    assert "background" in [g.name for g in r.param_groups()]
+    cams = front_camera(16)
+    out = r.render(cams, torch.ones(3))
+    corner = out.rgb[0, 0, 0]  # empty corner: the environment's colour, not white
+    from dreamlab.renderers.nerf.render import camera_rays
+
+    want = r.environment(camera_rays(cams)[1])[0, 0, 0]
+    torch.testing.assert_close(corner, want.clamp(0, 1), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert torch.allclose(r.render(cams, torch.ones(3)).rgb[0, 0, 0], torch.ones(3))
+    out.rgb.mean().backward()
+    assert all(p.grad is not None for p in r.environment.parameters())
+
+
+def test_shading_and_regulariser_settings_are_validated():
+    for bad in (
+        dict(lambda_orientation=-1.0),
+        dict(lambertian_probability=1.5),
+        dict(light_distance=(2.0, 1.0)),
+        dict(normal_eps=0.0),
+    ):
+        with pytest.raises(ValueError):
+            NeRFConfig(**bad).validate()
+
+
+def test_checkpoint_from_another_backend_is_refused():
+    r = small_renderer()
+    state = r.checkpoint_state()
+    state["encoding_backend"] = "tcnn"
+    with pytest.raises(ValueError, match="not interchangeable"):
+        small_renderer().load_checkpoint_state(state)

@@ -114,6 +114,7 @@ def bench_prior(args: BenchPriorArgs) -> int:
 def bench_quality(args: BenchQualityArgs) -> int:
     """Runs the quality benchmark, prints its table and where the files went; returns 0."""
     from dreamlab.bench.quality import run_quality_bench, summary_table
+    from dreamlab.cli import renderer_options
 
     prompts = _check_prompts(args.prompts)
     if args.steps is not None and args.steps < 1:
@@ -125,6 +126,7 @@ def bench_quality(args: BenchQualityArgs) -> int:
         guidance=args.guidance,
         guidance_options=getattr(args, args.guidance, None),
         renderer=args.renderer,
+        renderer_options=renderer_options(args),
         steps=args.steps,
         seeds=args.seeds,
         prior=args.prior,

@@ -382,6 +382,7 @@ def run_quality_bench(
     export_mesh: bool = True,
     export_cfg=None,
     guidance_options=None,
+    renderer_options=None,
 ) -> QualityBenchResult:
     """Generates every prompt × seed on the CPU and scores it against the world (module docstring).
 
@@ -398,6 +399,7 @@ def run_quality_bench(
         export_mesh: extract and texture the mesh and check it (timed as export seconds).
         export_cfg: export settings for the mesh check (default: the run config's, i.e. what
             ``dreamlab generate`` would export).
+        renderer_options: the renderer's ``--<renderer>.<field>`` options (``--nerf.*``), or None.
         guidance_options: the method's ``--<guidance>.<field>`` options (``guidance/options.py``),
             applied on top of the builtin preset; None for the preset as is.
     """
@@ -461,6 +463,11 @@ def run_quality_bench(
                 from dreamlab.guidance.options import apply_options
 
                 cfg.guidance = apply_options(cfg.guidance, guidance_options)
+                cfg.validate()
+            if renderer_options is not None:
+                from dreamlab.guidance.options import apply_options
+
+                cfg.renderer = apply_options(cfg.renderer, renderer_options)
                 cfg.validate()
             cfg.prior = prior_name
             cfg.train.preview_every = 0  # previews cost time and change nothing

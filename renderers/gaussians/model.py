@@ -89,6 +89,14 @@ class GaussianConfig:
     or "gsplat" (needs the gsplat package). Resolved once, at the first render."""
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     """Clone / split / prune schedule."""
+    init_from: str | None = None
+    """Coarse-to-fine: start from points sampled where this finished run's field is dense (a run
+    folder or a checkpoint file, e.g. of a ``--renderer nerf`` run) instead of a random ball
+    (``dreamlab.renderers.gaussians.from_density``)."""
+    init_surface_fraction: float = 0.8
+    """With ``init_from``: share of the points drawn in surface cells (the rest inside)."""
+    init_grid_resolution: int = 64
+    """With ``init_from``: cells per axis of the density grid the points are drawn from."""
 
     def validate(self) -> None:
         if self.num_init < 1:
@@ -101,6 +109,10 @@ class GaussianConfig:
             raise ValueError(f"init_radius must be positive, got {self.init_radius}")
         if self.init_scale is not None and self.init_scale <= 0:
             raise ValueError(f"init_scale must be positive, got {self.init_scale}")
+        if not 0.0 <= self.init_surface_fraction <= 1.0:
+            raise ValueError(f"init_surface_fraction must lie in [0, 1], got {self.init_surface_fraction}")
+        if self.init_grid_resolution < 4:
+            raise ValueError(f"init_grid_resolution must be >= 4, got {self.init_grid_resolution}")
         self.densify.validate()
 
 

@@ -19,6 +19,11 @@ Density follows threestudio's ``ImplicitVolume`` geometry (its config fields
 Albedo is ``sigmoid`` of a second head. Both heads read the same hash features (the density head
 is a one-hidden-layer MLP as in threestudio's "VanillaMLP" with 64 neurons).
 
+The hash encoding comes from :func:`~dreamlab.renderers.nerf.hash_encoding.make_hash_encoding`:
+``encoding_backend="torch"`` (default, the pure-PyTorch twin, any device), ``"tcnn"``
+(tiny-cuda-nn, CUDA only) or ``"auto"`` (tcnn on a CUDA ``device`` where it is installed, else
+torch). The MLPs are plain ``torch.nn`` on every backend.
+
 Normals are ``-grad sigma / ||grad sigma||``: autograd (``"analytic"``) or central finite
 differences with step ``eps`` (``"finite_difference"``, threestudio's alternative, smoother on a
 hash grid whose analytic gradient is piecewise constant per cell).
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dreamlab.renderers.nerf.hash_encoding import HashEncoding, LevelSchedule
+from dreamlab.renderers.nerf.hash_encoding import LevelSchedule, make_hash_encoding
 
 
 class _TruncExp(torch.autograd.Function):
@@ -89,7 +94,18 @@ def _mlp(n_in: int, hidden: int, layers: int, n_out: int) -> nn.Sequential:
 
 
 class NeRFField(nn.Module):
-    """Density and albedo at world points in the scene box ``[-bound, bound]^3``."""
+    """Density and albedo at world points in the scene box ``[-bound, bound]^3``.
+
+    Args:
+        encoding_backend: ``"torch" | "tcnn" | "auto"`` (see
+            :func:`~dreamlab.renderers.nerf.hash_encoding.select_backend`); the resolved name is
+            kept in ``self.encoding_backend`` (record it in checkpoints: the two backends' tables
+            are laid out differently).
+        device: where the field is built; ``None`` leaves it on CPU (move it with ``.to``). The
+            backend is resolved for this device, so ``"tcnn"`` / ``"auto"`` need it to be CUDA.
+        generator: seeds the hash table and the MLPs (the torch backend's draws are the same
+            whatever ``device`` is).
+    """
 
     def __init__(
         self,
@@ -107,6 +123,8 @@ class NeRFField(nn.Module):
         blob_scale: float = 10.0,
         blob_radius: float = 0.5,
         generator: torch.Generator | None = None,
+        encoding_backend: str = "torch",
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if generator is None:
@@ -116,15 +134,18 @@ class NeRFField(nn.Module):
         self.blob = blob
         self.blob_scale = float(blob_scale)
         self.blob_radius = float(blob_radius)
-        self.encoding = HashEncoding(
-            num_levels,
-            features_per_level,
-            log2_hashmap_size,
-            base_resolution,
-            max_resolution,
+        self.encoding = make_hash_encoding(
+            encoding_backend,
+            "cpu" if device is None else device,
+            num_levels=num_levels,
+            features_per_level=features_per_level,
+            log2_hashmap_size=log2_hashmap_size,
+            base_resolution=base_resolution,
+            max_resolution=max_resolution,
             schedule=level_schedule,
             generator=generator,
         )
+        self.encoding_backend: str = self.encoding.backend
         n = self.encoding.output_dim
         # seeded init of the MLPs (torch's default init draws from the global RNG)
         fork = torch.random.fork_rng(devices=[])
@@ -132,6 +153,18 @@ class NeRFField(nn.Module):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
             self.density_mlp = _mlp(n, hidden, hidden_layers, 1)
             self.albedo_mlp = _mlp(n, hidden, hidden_layers, 3)
+        if device is not None:
+            self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the field's MLPs (and encoding) live."""
+        return self.density_mlp[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The MLPs' dtype: what points should be cast to (the tcnn table may be float16)."""
+        return self.density_mlp[0].weight.dtype
 
     def features(self, xyz: Tensor) -> Tensor:
         return self.encoding((xyz / self.bound + 1.0) * 0.5)

@@ -1,14 +1,17 @@
-"""Instant-NGP multiresolution hash encoding (Müller et al. 2022), in pure PyTorch.
+"""Instant-NGP multiresolution hash encoding (Müller et al. 2022): the pure-PyTorch twin and the
+backend switch.
 
 Why hand-written: the reference implementation of the encoding, tiny-cuda-nn, is a CUDA-only
 extension (it neither builds nor runs without a GPU), and dreamlab must train and test on CPU.
-This module is the *reference twin*: plain tensor ops, any device, any float dtype (float64 for
-``gradcheck``). The intended GPU path is tiny-cuda-nn's ``HashGrid`` when it is installed and
-the tensors are on CUDA; it is imported lazily and never on CPU. That switch is **not
-implemented yet**: ``backend="tcnn"`` raises ``NotImplementedError`` (see :func:`select_backend`)
-and ``"auto"`` always resolves to ``"torch"``. Wiring it needs a parameter-layout converter,
-because tiny-cuda-nn places grid vertices differently (``scale = N_min b^l - 1``, positions offset
-by 0.5) from the paper's formulas used here.
+:class:`HashEncoding` is the *reference twin*: plain tensor ops, any device, any float dtype
+(float64 for ``gradcheck``). On CUDA, :func:`make_hash_encoding` can instead build
+:class:`~dreamlab.renderers.nerf.tcnn_backend.TcnnHashEncoding` (tiny-cuda-nn's ``HashGrid``)
+when ``tinycudann`` is installed; :func:`select_backend` decides, and ``tinycudann`` is imported
+lazily, only for a CUDA device, never on CPU. The two backends share the interface
+(``forward``, ``output_dim``, ``active_levels`` / ``update_step``, ``level_mask``, ``params``) but
+not the parameter layout: tiny-cuda-nn places grid vertices differently (``scale = N_min b^l - 1``,
+positions offset by 0.5) from the paper's formulas used here, so a table written by one backend
+cannot be loaded into the other.
 
 The encoding (paper, Sec. 3, Eqs. 2-4):
 
@@ -33,12 +36,21 @@ Neuralangelo): only the first ``active_levels`` levels contribute, finer levels 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+ENCODING_BACKENDS = ("auto", "torch", "tcnn")
+"""Backends that :func:`select_backend` accepts."""
+
+TCNN_INSTALL = "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
+"""How tiny-cuda-nn's PyTorch bindings are installed (they compile against the local CUDA toolkit)."""
 
 PRIMES = (1, 2654435761, 805459861)
 """Instant-NGP's per-axis hash primes (the first is 1 for cache coherence)."""
@@ -73,21 +85,110 @@ def level_resolutions(num_levels: int, base_resolution: int, max_resolution: int
     return [math.floor(base_resolution * b**level + 1e-9) for level in range(num_levels)]
 
 
-def select_backend(backend: str, device: torch.device) -> str:
-    """Resolves ``"auto" | "torch" | "tcnn"`` for ``device``. Only ``"torch"`` exists for now."""
-    if backend in ("auto", "torch"):
-        return "torch"
-    if backend == "tcnn":
-        if torch.device(device).type != "cuda":
-            raise ValueError("backend 'tcnn' needs CUDA tensors; use 'torch' or 'auto' on CPU")
-        raise NotImplementedError(
-            "the tiny-cuda-nn hash-grid backend is not wired yet; use backend 'torch' (or 'auto')"
+def level_mask(
+    active_levels: int,
+    num_levels: int,
+    features_per_level: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``[L * F]`` 0/1 mask over level-major features: ones for the first ``active_levels`` levels.
+
+    Shared by both encodings; tiny-cuda-nn has no native level masking, so
+    :class:`~dreamlab.renderers.nerf.tcnn_backend.TcnnHashEncoding` multiplies its output by it.
+    ``active_levels`` is clipped to ``[0, num_levels]``.
+    """
+    if num_levels < 1 or features_per_level < 1:
+        raise ValueError("num_levels and features_per_level must be >= 1")
+    n = max(0, min(int(active_levels), num_levels))
+    mask = torch.zeros(num_levels, features_per_level, dtype=dtype, device=device)
+    mask[:n] = 1.0
+    return mask.reshape(-1)
+
+
+_logged_backends: set[tuple[str, str]] = set()
+_tcnn_problem_cache: list[str | None] = []
+
+
+def _tcnn_problem() -> str | None:
+    """None when ``import tinycudann`` works (tried once per process, only for a CUDA device)."""
+    if not _tcnn_problem_cache:
+        try:
+            import tinycudann  # noqa: F401
+
+            _tcnn_problem_cache.append(None)
+        except Exception as exc:  # noqa: BLE001 - ImportError, or its EnvironmentError without CUDA
+            _tcnn_problem_cache.append(
+                f"tinycudann cannot be imported ({type(exc).__name__}: {exc}); install it with "
+                f"'{TCNN_INSTALL}' (needs a CUDA device and the CUDA toolkit)"
+            )
+    return _tcnn_problem_cache[0]
+
+
+def select_backend(backend: str, device: torch.device | str) -> str:
+    """The one place that picks a hash-encoding backend. Logs the choice once per (request, device).
+
+    * ``"torch"``: :class:`HashEncoding`, on any device.
+    * ``"tcnn"``: tiny-cuda-nn's ``HashGrid``; needs a CUDA device and an importable ``tinycudann``.
+    * ``"auto"``: ``"tcnn"`` on a CUDA device where ``tinycudann`` imports, else ``"torch"``.
+
+    Nothing is imported for a non-CUDA device.
+
+    Returns:
+        ``"torch"`` or ``"tcnn"``.
+    Raises:
+        ValueError: unknown name, or ``"tcnn"`` on a non-CUDA device or without ``tinycudann``
+            (the message says what to install or use instead).
+    """
+    if backend not in ENCODING_BACKENDS:
+        raise ValueError(
+            f"unknown hash-encoding backend {backend!r}; choose one of {ENCODING_BACKENDS}"
         )
-    raise ValueError(f"unknown hash-encoding backend {backend!r} (auto | torch | tcnn)")
+    device = torch.device(device)
+    why = ""
+    if device.type != "cuda":
+        if backend == "tcnn":
+            raise ValueError(
+                "hash-encoding backend 'tcnn' (tiny-cuda-nn) needs a CUDA device, but the field is "
+                f"on {device.type!r}: use 'torch' or 'auto' here, or run on a GPU with "
+                f"tiny-cuda-nn installed ({TCNN_INSTALL})"
+            )
+        chosen = "torch"
+    elif backend == "torch":
+        chosen = "torch"
+    else:
+        problem = _tcnn_problem()
+        if backend == "tcnn":
+            if problem is not None:
+                raise ValueError(
+                    f"hash-encoding backend 'tcnn' was asked for but is unavailable: {problem}. "
+                    "Or use backend 'auto' (falls back to torch) or 'torch'"
+                )
+            chosen = "tcnn"
+        elif problem is None:
+            chosen = "tcnn"
+        else:
+            chosen, why = "torch", problem
+    key = (backend, device.type)
+    if key not in _logged_backends:
+        _logged_backends.add(key)
+        if why:
+            log.info(
+                "nerf hash encoding: backend %r on %s -> %s (%s)", backend, device.type, chosen, why
+            )
+        else:
+            log.info("nerf hash encoding: backend %r on %s -> %s", backend, device.type, chosen)
+    return chosen
 
 
 class HashEncoding(nn.Module):
-    """Multiresolution hash encoding ``[N, 3] in [0, 1]^3 -> [N, L * F]``."""
+    """Multiresolution hash encoding ``[N, 3] in [0, 1]^3 -> [N, L * F]`` (the torch backend).
+
+    ``backend`` is kept for compatibility and must be ``"auto"`` or ``"torch"``: this class *is* the
+    torch backend; :func:`make_hash_encoding` chooses between backends.
+    """
+
+    backend = "torch"
 
     def __init__(
         self,
@@ -98,7 +199,7 @@ class HashEncoding(nn.Module):
         max_resolution: int = 2048,
         init_scale: float = 1e-4,
         schedule: LevelSchedule | None = None,
-        backend: Literal["auto", "torch", "tcnn"] = "auto",
+        backend: Literal["auto", "torch"] = "auto",
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -115,6 +216,11 @@ class HashEncoding(nn.Module):
         self.hashmap_size = 2**log2_hashmap_size
         self.base_resolution = base_resolution
         self.max_resolution = max_resolution
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                f"HashEncoding is the pure-PyTorch backend; got backend={backend!r}. "
+                "Use make_hash_encoding(backend, device, ...) to get tiny-cuda-nn's encoding"
+            )
         self.schedule = schedule if schedule is not None else LevelSchedule()
         self.backend_request = backend
         self.resolutions = level_resolutions(num_levels, base_resolution, max_resolution)
@@ -141,6 +247,11 @@ class HashEncoding(nn.Module):
     def output_dim(self) -> int:
         return self.num_levels * self.features_per_level
 
+    @property
+    def params(self) -> nn.Parameter:
+        """The trainable table (same name as tiny-cuda-nn's parameter vector, for param groups)."""
+        return self.table
+
     def update_step(self, step: int) -> None:
         """Sets ``active_levels`` from the schedule for training step ``step``."""
         self.active_levels = self.schedule.active_levels(step, self.num_levels)
@@ -148,9 +259,9 @@ class HashEncoding(nn.Module):
     def level_mask(self, active_levels: int | None = None) -> Tensor:
         """``[L * F]`` 0/1 mask: ones for the features of the first ``active_levels`` levels."""
         n = self.active_levels if active_levels is None else active_levels
-        mask = torch.zeros(self.num_levels, self.features_per_level, dtype=self.table.dtype)
-        mask[:n] = 1.0
-        return mask.reshape(-1).to(self.table.device)
+        return level_mask(
+            n, self.num_levels, self.features_per_level, self.table.dtype, self.table.device
+        )
 
     def level_indices(self, level: int, corner_coords: Tensor) -> Tensor:
         """Table rows (global, offsets included) of integer grid vertices ``[..., 3]``."""
@@ -175,8 +286,6 @@ class HashEncoding(nn.Module):
                 output zeros.
         """
         assert x.ndim == 2 and x.shape[1] == 3, x.shape
-        if select_backend(self.backend_request, x.device) != "torch":  # pragma: no cover
-            raise NotImplementedError
         n_active = self.active_levels if active_levels is None else active_levels
         x = x.to(self.table.dtype).clamp(0.0, 1.0)
         corners = self._corners.to(x.device)
@@ -202,3 +311,49 @@ class HashEncoding(nn.Module):
             f"resolutions={self.resolutions[0]}..{self.resolutions[-1]}, "
             f"params={self.table.numel()}"
         )
+
+
+def make_hash_encoding(
+    backend: str = "torch",
+    device: torch.device | str = "cpu",
+    *,
+    num_levels: int = 16,
+    features_per_level: int = 2,
+    log2_hashmap_size: int = 19,
+    base_resolution: int = 16,
+    max_resolution: int = 2048,
+    init_scale: float = 1e-4,
+    schedule: LevelSchedule | None = None,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Builds the hash encoding that :func:`select_backend` picks for ``backend`` on ``device``.
+
+    ``"torch"``: a :class:`HashEncoding` built exactly as ``HashEncoding(..., generator=generator)``
+    (same random draws, so bit-identical), then moved to ``device``. ``"tcnn"``: a
+    :class:`~dreamlab.renderers.nerf.tcnn_backend.TcnnHashEncoding` on ``device`` (its table drawn
+    from ``generator`` too, but laid out differently). Both expose ``forward``, ``output_dim``,
+    ``active_levels``, ``update_step``, ``level_mask``, ``params`` and ``backend``.
+    """
+    chosen = select_backend(backend, device)
+    args = (num_levels, features_per_level, log2_hashmap_size, base_resolution, max_resolution)
+    if chosen == "tcnn":
+        from dreamlab.renderers.nerf.tcnn_backend import TcnnHashEncoding
+
+        return TcnnHashEncoding(
+            *args,
+            init_scale=init_scale,
+            schedule=schedule,
+            dtype=dtype,
+            generator=generator,
+            device=device,
+        )
+    enc = HashEncoding(
+        *args,
+        init_scale=init_scale,
+        schedule=schedule,
+        backend="torch",
+        dtype=dtype,
+        generator=generator,
+    )
+    return enc.to(device)
