@@ -32,9 +32,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import machine, time_ms  # noqa: E402
+from bench.common import machine, time_ms
 
 
 def _camera(size: int):

@@ -236,7 +236,7 @@ class _Interrupted(Exception):
     pass
 
 
-def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
+def _raise_interrupted(signum, frame):  # signal handler signature
     raise _Interrupted()
 
 
@@ -322,7 +322,7 @@ def _run_loop(trainer, quiet: bool) -> int:
             bar.write(f"dreamlab: warning: {report.message}")
         if report.step % 10 == 0 or report.step == report.total_steps:
             log.info(
-                "step %d/%d loss %.5g gaussians %d res %d t %s %.3fs",
+                "step %d/%d loss %.5g size %d res %d t %s %.3fs",
                 report.step, report.total_steps, report.loss, report.num_gaussians,
                 report.resolution, report.timesteps, report.seconds,
             )
@@ -331,12 +331,12 @@ def _run_loop(trainer, quiet: bool) -> int:
 
 
 def export(args: ExportArgs) -> int:
+    import torch
+
     from dreamlab.checkpoint import CheckpointError, load_checkpoint
     from dreamlab.config import config_from_json
     from dreamlab.export import export_by_extension
     from dreamlab.train import build_renderer
-
-    import torch
 
     try:
         state = load_checkpoint(args.checkpoint)
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("dreamlab: error: out of memory: lower --steps resolution or the Gaussian count", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as err:  # noqa: BLE001 - last line of defence: one line, log has details
+    except Exception as err:  # last line of defence: one line, log has details
         log.debug("unexpected failure", exc_info=True)
         print(f"dreamlab: error: {type(err).__name__}: {err}", file=sys.stderr)
         if os.environ.get("DREAMLAB_DEBUG"):

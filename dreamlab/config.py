@@ -19,7 +19,7 @@ from typing import Any, Literal
 from dreamlab import schedules
 from dreamlab.cameras import CameraSamplerConfig
 from dreamlab.export import ExportConfig, VideoConfig
-from dreamlab.guidance import GUIDANCES, BUILTIN_PRIOR_GUIDANCE_PRESETS, GuidanceConfig
+from dreamlab.guidance import BUILTIN_PRIOR_GUIDANCE_PRESETS, GUIDANCES, GuidanceConfig
 from dreamlab.guidance.sds import SDSConfig
 from dreamlab.prompts import PromptConfig
 from dreamlab.renderers.gaussians.model import GaussianConfig

@@ -31,11 +31,11 @@ from torch import Tensor
 from dreamlab.bench.metrics import (
     delta_e,
     foreground_colour_error,
-    saturation_excess,
     janus_scores,
     masked_psnr,
     mean_texture_colour,
     mesh_topology,
+    saturation_excess,
     silhouette_iou,
 )
 from dreamlab.bench.report import fmt, grid_png, machine, markdown_table, to_uint8, write_csv

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dreamlab.renderers.nerf.render import FieldFn, camera_rays, ray_box
+from dreamlab.renderers.nerf.render import FieldFn, ray_box, render_camera_rays
 from dreamlab.types import Cameras
 
 log = logging.getLogger(__name__)
@@ -446,32 +446,12 @@ def render_cameras_nerfacc(
 
     ``background``: ``[3]``, ``[B, 3]`` or per pixel ``[B, H, W, 3]``.
     """
-    B, H, W = len(cams), cams.height, cams.width
-    origins, dirs, cos = camera_rays(cams)
-    bg = background
-    if bg.ndim == 1:
-        bg = bg[None, None, None].expand(B, H, W, 3)
-    elif bg.ndim == 2:
-        bg = bg[:, None, None].expand(B, H, W, 3)
-    bg = bg.reshape(-1, 3)
-    color, acc, dist, aux = render_rays_nerfacc(
-        field_fn,
-        origins.reshape(-1, 3),
-        dirs.reshape(-1, 3),
-        bg,
-        grid,
-        render_step_size,
-        bound=bound,
-        near=near,
-        generator=generator,
-        density_fn=density_fn,
-        early_stop_eps=early_stop_eps,
-        alpha_thre=alpha_thre,
-    )
-    depth = dist * cos.reshape(-1).to(dist)
-    return (
-        color.reshape(B, H, W, 3),
-        acc.reshape(B, H, W, 1),
-        depth.reshape(B, H, W, 1),
-        aux,
-    )
+
+    def rays_fn(origins: Tensor, dirs: Tensor, bg: Tensor):
+        return render_rays_nerfacc(
+            field_fn, origins, dirs, bg, grid, render_step_size, bound=bound, near=near,
+            generator=generator, density_fn=density_fn, early_stop_eps=early_stop_eps,
+            alpha_thre=alpha_thre,
+        )
+
+    return render_camera_rays(rays_fn, cams, background)

@@ -257,6 +257,28 @@ def render_rays(
     return color, acc, dist, aux
 
 
+def render_camera_rays(render_rays_fn: Callable, cams: Cameras, background: Tensor, *args, **kwargs):
+    """Runs a ray renderer (``render_rays`` or nerfacc's) on every pixel of every camera.
+
+    ``render_rays_fn(origins [R, 3], dirs [R, 3], background [R, 3], *args, **kwargs)`` returns
+    colour ``[R, 3]``, accumulated alpha ``[R]``, expected distance ``[R]`` and its aux. Returns
+    rgb ``[B, H, W, 3]``, alpha ``[B, H, W, 1]``, camera depth ``[B, H, W, 1]`` (not divided by
+    alpha) and the aux. ``background``: ``[3]``, ``[B, 3]`` or per pixel ``[B, H, W, 3]``.
+    """
+    B, H, W = len(cams), cams.height, cams.width
+    origins, dirs, cos = camera_rays(cams)
+    bg = background
+    if bg.ndim == 1:
+        bg = bg[None, None, None].expand(B, H, W, 3)
+    elif bg.ndim == 2:
+        bg = bg[:, None, None].expand(B, H, W, 3)
+    color, acc, dist, aux = render_rays_fn(
+        origins.reshape(-1, 3), dirs.reshape(-1, 3), bg.reshape(-1, 3), *args, **kwargs
+    )
+    depth = dist * cos.reshape(-1).to(dist)
+    return color.reshape(B, H, W, 3), acc.reshape(B, H, W, 1), depth.reshape(B, H, W, 1), aux
+
+
 def render_cameras(
     field_fn: FieldFn,
     cams: Cameras,
@@ -272,29 +294,9 @@ def render_cameras(
 
     ``background``: ``[3]``, ``[B, 3]`` or per pixel ``[B, H, W, 3]``.
     """
-    B, H, W = len(cams), cams.height, cams.width
-    origins, dirs, cos = camera_rays(cams)
-    bg = background
-    if bg.ndim == 1:
-        bg = bg[None, None, None].expand(B, H, W, 3)
-    elif bg.ndim == 2:
-        bg = bg[:, None, None].expand(B, H, W, 3)
-    bg = bg.reshape(-1, 3)
-    color, acc, dist, aux = render_rays(
-        field_fn,
-        origins.reshape(-1, 3),
-        dirs.reshape(-1, 3),
-        bg,
-        num_samples=num_samples,
-        bound=bound,
-        near=near,
-        grid=grid,
-        generator=generator,
-    )
-    depth = dist * cos.reshape(-1).to(dist)
-    return (
-        color.reshape(B, H, W, 3),
-        acc.reshape(B, H, W, 1),
-        depth.reshape(B, H, W, 1),
-        aux,
-    )
+
+    def rays_fn(origins: Tensor, dirs: Tensor, bg: Tensor):
+        return render_rays(field_fn, origins, dirs, bg, num_samples=num_samples, bound=bound,
+                           near=near, grid=grid, generator=generator)
+
+    return render_camera_rays(rays_fn, cams, background)
