@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamlab.ui import MAX_UPLOAD_BYTES, PriorCache, check_upload, generate_job
+from dreamlab.ui import MAX_UPLOAD_BYTES, RENDERERS, PriorCache, check_upload, generate_job
 
 FAST = {"gaussians": 400, "resolution": 32, "faces": 1000, "texture_size": 64, "device": "cpu"}
 
@@ -240,3 +240,15 @@ def test_method_options_reach_the_run_and_bad_ones_are_readable(tmp_path, cache)
                                  None, prior_cache=cache, overrides=FAST, method_options=bad))[-1]
         _assert_readable(last)
         assert words in last.message
+
+
+def test_nerf_job_gives_a_glb_and_no_splats(tmp_path, cache):
+    assert "nerf" in RENDERERS
+    updates = list(generate_job("a red cube", "", "builtin", "nerf", "sds", 4, 0, None, None, tmp_path,
+                                None, prior_cache=cache, formats=("glb", "ply"),
+                                overrides={"resolution": 16, "faces": 800, "texture_size": 64}))
+    done = updates[-1]
+    assert done.status == "done", [u.message for u in updates]
+    assert done.files["glb"].read_bytes()[:4] == b"glTF"
+    assert "ply" not in done.files  # a NeRF has no splats: skipped, not an error
+    assert json.loads((done.run_dir / "result.json").read_text())["settings"]["renderer"] == "nerf"

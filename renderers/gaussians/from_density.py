@@ -326,6 +326,8 @@ def load_renderer_from_checkpoint(path: Path | str) -> Renderer:
         raise CheckpointError(
             f"{file}: its run config cannot be read ({type(exc).__name__}: {exc})"
         ) from None
+    if getattr(run_cfg.renderer, "init_from", None):  # the stored state replaces the start anyway
+        run_cfg.renderer = dataclasses.replace(run_cfg.renderer, init_from=None)
     try:
         renderer = build_renderer(
             run_cfg, torch.Generator(device="cpu").manual_seed(0), torch.device("cpu")
