@@ -301,7 +301,9 @@ class HashEncoding(nn.Module):
             idx = self.level_indices(level, coords)  # [N, 8]
             # weight of corner c: prod over axes of frac (bit set) or 1 - frac (bit clear)
             w = torch.where(corners[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)
-            feats = self.table[idx.reshape(-1)].reshape(x.shape[0], 8, self.features_per_level)
+            # index_select, not self.table[idx]: its backward (index_add) is deterministic on a
+            # multi-threaded CPU, advanced indexing's (index_put accumulate) is not (resume tests)
+            feats = self.table.index_select(0, idx.reshape(-1)).reshape(x.shape[0], 8, self.features_per_level)
             outs.append((w[..., None] * feats).sum(1))
         return torch.cat(outs, dim=-1)
 
