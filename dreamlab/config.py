@@ -208,7 +208,7 @@ def make_run_config(
 
 BUILTIN_PRIOR_NERF_RESOLUTION = 32
 """NeRF render size with the builtin prior: the prior sees 32 px images, and volume rendering
-costs per pixel (64 px renders are downsampled to 32 anyway; docs/nerf.md has the timings)."""
+costs per pixel (64 px renders are downsampled to 32 anyway; step times in docs/benchmarks.md)."""
 
 BUILTIN_PRIOR_NERF_PRESET: dict[str, Any] = dict(
     log2_hashmap_size=16,
@@ -216,9 +216,10 @@ BUILTIN_PRIOR_NERF_PRESET: dict[str, Any] = dict(
     num_levels=12,
     num_samples=48,
 )
-"""NeRF settings with the builtin prior on a CPU: a smaller hash table (2^16 rows per level: the
-Adam step over 2^19-row tables dominated the step time) and coarser finest level (256 cells across
-the box, ~8 per pixel of a 32 px render), fewer samples per ray (docs/nerf.md, measured)."""
+"""NeRF settings with the builtin prior on a CPU: 12 levels of at most 2^16 rows (1.2 M parameters
+instead of the GPU recipe's 16 x 2^19 = 17 M, each updated by Adam every step), a finest level of
+256 cells across the box (~8 per pixel of a 32 px render) and 48 samples per ray (step times
+against samples per ray: docs/benchmarks.md)."""
 
 
 def _apply_prior_preset(cfg: RunConfig) -> None:

@@ -36,7 +36,6 @@ Neuralangelo): only the first ``active_levels`` levels contribute, finer levels 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -44,7 +43,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from dreamlab.renderers.nerf.backends import resolve_cuda_backend
 
 ENCODING_BACKENDS = ("auto", "torch", "tcnn")
 """Backends that :func:`select_backend` accepts."""
@@ -106,7 +105,6 @@ def level_mask(
     return mask.reshape(-1)
 
 
-_logged_backends: set[tuple[str, str]] = set()
 _tcnn_problem_cache: list[str | None] = []
 
 
@@ -140,45 +138,35 @@ def select_backend(backend: str, device: torch.device | str) -> str:
         ValueError: unknown name, or ``"tcnn"`` on a non-CUDA device or without ``tinycudann``
             (the message says what to install or use instead).
     """
-    if backend not in ENCODING_BACKENDS:
-        raise ValueError(
-            f"unknown hash-encoding backend {backend!r}; choose one of {ENCODING_BACKENDS}"
-        )
-    device = torch.device(device)
-    why = ""
-    if device.type != "cuda":
-        if backend == "tcnn":
-            raise ValueError(
-                "hash-encoding backend 'tcnn' (tiny-cuda-nn) needs a CUDA device, but the field is "
-                f"on {device.type!r}: use 'torch' or 'auto' here, or run on a GPU with "
-                f"tiny-cuda-nn installed ({TCNN_INSTALL})"
-            )
-        chosen = "torch"
-    elif backend == "torch":
-        chosen = "torch"
-    else:
-        problem = _tcnn_problem()
-        if backend == "tcnn":
-            if problem is not None:
-                raise ValueError(
-                    f"hash-encoding backend 'tcnn' was asked for but is unavailable: {problem}. "
-                    "Or use backend 'auto' (falls back to torch) or 'torch'"
-                )
-            chosen = "tcnn"
-        elif problem is None:
-            chosen = "tcnn"
-        else:
-            chosen, why = "torch", problem
-    key = (backend, device.type)
-    if key not in _logged_backends:
-        _logged_backends.add(key)
-        if why:
-            log.info(
-                "nerf hash encoding: backend %r on %s -> %s (%s)", backend, device.type, chosen, why
-            )
-        else:
-            log.info("nerf hash encoding: backend %r on %s -> %s", backend, device.type, chosen)
-    return chosen
+    return resolve_cuda_backend(
+        backend,
+        device,
+        kind="hash-encoding",
+        choices=ENCODING_BACKENDS,
+        library="tcnn",
+        library_label="'tcnn' (tiny-cuda-nn)",
+        package="tiny-cuda-nn",
+        owner="field",
+        install=TCNN_INSTALL,
+        problem=_tcnn_problem,
+        log_label="nerf hash encoding",
+    )
+
+
+def check_encoding_shape(
+    num_levels: int,
+    features_per_level: int,
+    log2_hashmap_size: int,
+    base_resolution: int,
+    max_resolution: int,
+) -> None:
+    """ValueError unless the encoding's sizes make sense (shared by both backends)."""
+    if num_levels < 1 or features_per_level < 1:
+        raise ValueError("num_levels and features_per_level must be >= 1")
+    if not 1 <= log2_hashmap_size <= 30:
+        raise ValueError(f"log2_hashmap_size must lie in [1, 30], got {log2_hashmap_size}")
+    if base_resolution < 1 or max_resolution < base_resolution:
+        raise ValueError("need 1 <= base_resolution <= max_resolution")
 
 
 class HashEncoding(nn.Module):
@@ -204,12 +192,9 @@ class HashEncoding(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if num_levels < 1 or features_per_level < 1:
-            raise ValueError("num_levels and features_per_level must be >= 1")
-        if not 1 <= log2_hashmap_size <= 30:
-            raise ValueError(f"log2_hashmap_size must lie in [1, 30], got {log2_hashmap_size}")
-        if base_resolution < 1 or max_resolution < base_resolution:
-            raise ValueError("need 1 <= base_resolution <= max_resolution")
+        check_encoding_shape(
+            num_levels, features_per_level, log2_hashmap_size, base_resolution, max_resolution
+        )
         self.num_levels = num_levels
         self.features_per_level = features_per_level
         self.log2_hashmap_size = log2_hashmap_size

@@ -41,17 +41,15 @@ What differs:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dreamlab.renderers.nerf.render import FieldFn, ray_box, render_camera_rays
+from dreamlab.renderers.nerf.backends import resolve_cuda_backend
+from dreamlab.renderers.nerf.render import FieldFn, cell_coords, ray_box, render_camera_rays
 from dreamlab.types import Cameras
-
-log = logging.getLogger(__name__)
 
 SAMPLER_BACKENDS = ("auto", "torch", "nerfacc")
 """Backends that :func:`resolve_sampler_backend` accepts."""
@@ -62,7 +60,6 @@ NERFACC_INSTALL = "pip install nerfacc"
 NERFACC_MIN_VERSION = (0, 5, 2)
 """Oldest nerfacc with the API used here (``OccGridEstimator.sampling(t_min=, t_max=)``)."""
 
-_logged_backends: set[tuple[str, str]] = set()
 _nerfacc_problem_cache: list[str | None] = []
 
 
@@ -123,41 +120,19 @@ def resolve_sampler_backend(name: str, device: torch.device | str) -> str:
         ValueError: unknown name, or ``"nerfacc"`` on a non-CUDA device or without the package
             (the message says what to install or use instead).
     """
-    if name not in SAMPLER_BACKENDS:
-        raise ValueError(f"unknown NeRF sampler backend {name!r}; choose one of {SAMPLER_BACKENDS}")
-    device = torch.device(device)
-    why = ""
-    if device.type != "cuda":
-        if name == "nerfacc":
-            raise ValueError(
-                "NeRF sampler backend 'nerfacc' needs a CUDA device, but the renderer is on "
-                f"{device.type!r}: use 'torch' or 'auto' here, or run on a GPU with nerfacc "
-                f"installed ({NERFACC_INSTALL})"
-            )
-        chosen = "torch"
-    elif name == "torch":
-        chosen = "torch"
-    else:
-        problem = _nerfacc_problem()
-        if name == "nerfacc":
-            if problem is not None:
-                raise ValueError(
-                    f"NeRF sampler backend 'nerfacc' was asked for but is unavailable: {problem}. "
-                    "Or use backend 'auto' (falls back to torch) or 'torch'"
-                )
-            chosen = "nerfacc"
-        elif problem is None:
-            chosen = "nerfacc"
-        else:
-            chosen, why = "torch", problem
-    key = (name, device.type)
-    if key not in _logged_backends:
-        _logged_backends.add(key)
-        if why:
-            log.info("nerf sampler: backend %r on %s -> %s (%s)", name, device.type, chosen, why)
-        else:
-            log.info("nerf sampler: backend %r on %s -> %s", name, device.type, chosen)
-    return chosen
+    return resolve_cuda_backend(
+        name,
+        device,
+        kind="NeRF sampler",
+        choices=SAMPLER_BACKENDS,
+        library="nerfacc",
+        library_label="'nerfacc'",
+        package="nerfacc",
+        owner="renderer",
+        install=NERFACC_INSTALL,
+        problem=_nerfacc_problem,
+        log_label="nerf sampler",
+    )
 
 
 def _import_nerfacc():
@@ -284,10 +259,7 @@ class NerfaccGrid(nn.Module):
 
     def query(self, xyz: Tensor) -> Tensor:
         """``[N]`` bool: the point lies in the box, in an occupied cell."""
-        res = self.resolution
-        g = (xyz / self.bound + 1.0) * 0.5 * res
-        inside = ((g >= 0) & (g <= res)).all(-1)
-        ijk = g.floor().long().clamp(0, res - 1)
+        ijk, inside = cell_coords(xyz, self.bound, self.resolution)
         binaries = self.estimator.binaries[0]  # [res_x, res_y, res_z]
         occupied = binaries[ijk[:, 0], ijk[:, 1], ijk[:, 2]].to(xyz.device)
         return inside & occupied
@@ -311,6 +283,7 @@ class PackedVolumeAux:
     num_evaluated: int  # M
     num_samples: int  # M as well: empty cells are skipped while marching, never materialised
     num_density_queries: int  # no-grad density evaluations of the early-stop pass
+    shading: object | None = None  # set by NeRFRenderer.render: its ShadingAux (mode, lights, orientation loss)
 
 
 def render_rays_nerfacc(

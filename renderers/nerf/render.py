@@ -128,6 +128,14 @@ def composite(
     return color, acc, weights
 
 
+def cell_coords(xyz: Tensor, bound: float, resolution: int) -> tuple[Tensor, Tensor]:
+    """Integer cell coordinates ``[N, 3]`` (clamped into the grid) of world points in a
+    ``resolution^3`` grid over ``[-bound, bound]^3``, and whether each point lies inside the box."""
+    g = (xyz / bound + 1.0) * 0.5 * resolution
+    inside = ((g >= 0) & (g <= resolution)).all(-1)
+    return g.floor().long().clamp(0, resolution - 1), inside
+
+
 class OccupancyGrid(nn.Module):
     """Coarse density grid over ``[-bound, bound]^3`` used to skip empty space (see module doc)."""
 
@@ -153,9 +161,7 @@ class OccupancyGrid(nn.Module):
     def cell_index(self, xyz: Tensor) -> tuple[Tensor, Tensor]:
         """Flat cell index ``[N]`` of world points and whether they lie inside the box."""
         res = self.resolution
-        g = (xyz / self.bound + 1.0) * 0.5 * res
-        inside = ((g >= 0) & (g <= res)).all(-1)
-        ijk = g.floor().long().clamp(0, res - 1)
+        ijk, inside = cell_coords(xyz, self.bound, res)
         return ijk[:, 0] + res * (ijk[:, 1] + res * ijk[:, 2]), inside
 
     def query(self, xyz: Tensor) -> Tensor:
@@ -219,6 +225,7 @@ class VolumeAux:
     sample_mask: Tensor  # [R, S] bool: evaluated samples (inside the box, not skipped)
     num_evaluated: int  # M
     num_samples: int  # R * S
+    shading: object | None = None  # set by NeRFRenderer.render: its ShadingAux (mode, lights, orientation loss)
 
 
 def render_rays(

@@ -34,8 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from dreamlab.renderers.nerf.hash_encoding import (
-    TCNN_INSTALL,
     LevelSchedule,
+    _tcnn_problem,
+    check_encoding_shape,
     growth_factor,
     level_mask,
 )
@@ -89,17 +90,14 @@ class TcnnHashEncoding(nn.Module):
         device: torch.device | str = "cuda",
     ) -> None:
         super().__init__()
-        if num_levels < 1 or features_per_level < 1:
-            raise ValueError("num_levels and features_per_level must be >= 1")
+        check_encoding_shape(
+            num_levels, features_per_level, log2_hashmap_size, base_resolution, max_resolution
+        )
         if features_per_level not in TCNN_FEATURES_PER_LEVEL:
             raise ValueError(
                 f"tiny-cuda-nn's hash grid takes features_per_level in {TCNN_FEATURES_PER_LEVEL}, "
                 f"got {features_per_level}; use the 'torch' backend for other values"
             )
-        if not 1 <= log2_hashmap_size <= 30:
-            raise ValueError(f"log2_hashmap_size must lie in [1, 30], got {log2_hashmap_size}")
-        if base_resolution < 1 or max_resolution < base_resolution:
-            raise ValueError("need 1 <= base_resolution <= max_resolution")
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"tiny-cuda-nn parameters are float32 or float16, got {dtype}")
         device = torch.device(device)
@@ -108,13 +106,11 @@ class TcnnHashEncoding(nn.Module):
                 f"TcnnHashEncoding needs a CUDA device, got {device.type!r}: use the 'torch' "
                 "backend (HashEncoding) here"
             )
-        try:
-            import tinycudann as tcnn
-        except Exception as exc:  # ImportError, or EnvironmentError from the bindings without CUDA
-            raise ValueError(
-                f"tinycudann cannot be imported ({type(exc).__name__}: {exc}); install it with "
-                f"'{TCNN_INSTALL}' or use the 'torch' backend"
-            ) from exc
+        problem = _tcnn_problem()  # one import attempt per process, one message
+        if problem is not None:
+            raise ValueError(f"{problem}, or use the 'torch' backend")
+        import tinycudann as tcnn
+
         self.num_levels = num_levels
         self.features_per_level = features_per_level
         self.log2_hashmap_size = log2_hashmap_size
