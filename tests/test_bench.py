@@ -361,12 +361,9 @@ def _small_refs():
 
 
 def test_reference_set_equals_ground_truth_renders():
-    from dreamlab.bench.prior_quality import reference_cameras
+    from dreamlab.bench.prior_quality import REFERENCE_LIGHTS, reference_cameras
     from dreamlab.world.catalog import ObjectSpec
-    from dreamlab.world.render import render_ground_truth
-
-    from dreamlab.bench.prior_quality import REFERENCE_LIGHTS
-    from dreamlab.world.render import camera_relative_light
+    from dreamlab.world.render import camera_relative_light, render_ground_truth
 
     refs = _small_refs()
     spec = ObjectSpec("house", "blue")
@@ -416,6 +413,29 @@ def test_ground_truth_renders_score_near_the_ceiling():
     assert right >= 0.75 * 8 * len(conditions) and views >= 0.75 * 8 * 3
 
 
+def test_right_among_prompts_only_competes_with_the_benchmark_prompts_objects():
+    """A grey head asked as "a head": wrong against the whole world (the grey head is its own
+    object), right when only the benchmark prompts' objects compete (the issue's definition);
+    never less often right than the world-wide test."""
+    from dreamlab.bench.prior_quality import conditions_for, score_images, truth_samples
+    from dreamlab.world.catalog import parse_prompt
+
+    refs = _small_refs()
+    asked = conditions_for(["a head"], views=("front",))[0]
+    grey = conditions_for(["a grey head"], views=("front",))[0]
+    prompts = [refs.canonical[refs.specs.index(parse_prompt(p))] for p in ("a head", "a red cube")]
+    scores = score_images(truth_samples(grey, 8, 32, seed=0), asked, refs, prompts)
+    assert sum(s.right for s in scores) <= 2
+    assert all(s.right_among_prompts for s in scores)
+    for cond in conditions_for(["a snowman", "a yellow cone"]):
+        for s in score_images(truth_samples(cond, 8, 32, seed=1), cond, refs, prompts):
+            assert s.right_among_prompts or not s.right
+    # without prompt objects the asked object competes alone
+    assert all(
+        s.right_among_prompts for s in score_images(truth_samples(grey, 2, 32, 0), asked, refs)
+    )
+
+
 # ----------------------------------------------------------------------------- benches end to end
 
 
@@ -430,7 +450,10 @@ def test_prior_bench_writes_table_csv_and_picture(tiny_prior, tmp_path):
     assert len(result.samples) == 6 and result.images.shape == (6, 3, 32, 32)
     assert 0.0 <= result.accuracy <= 1.0 and result.view_accuracy is not None
     assert result.ceiling_accuracy is not None and result.ceiling_accuracy > 0.5
+    # one prompt: only its own object competes "among the prompts"
+    assert result.accuracy_among_prompts == 1.0 and result.ceiling_accuracy_among_prompts == 1.0
     text = result.markdown.read_text()
+    assert "right among prompts" in text
     assert "a snowman" in text and "**all**" in text
     with result.csv.open() as handle:
         rows = list(csv.DictReader(handle))
@@ -541,19 +564,56 @@ def test_bench_quality_takes_the_methods_own_options(tmp_path):
     from dreamlab.cli import main
 
     out = tmp_path / "q"
-    code = main(["bench", "quality", "--prompts", "a red cube", "--guidance", "sds", "--sds.perp-neg", "True",
-                 "--sds.guidance-scale", "5", "--steps", "1", "--no-mesh", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "quality",
+            "--prompts",
+            "a red cube",
+            "--guidance",
+            "sds",
+            "--sds.perp-neg",
+            "True",
+            "--sds.guidance-scale",
+            "5",
+            "--steps",
+            "1",
+            "--no-mesh",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     settings = (out / "quality.md").read_text()
     assert "sds.perp_neg True" in settings and "sds.guidance_scale 5.0" in settings
-    assert main(["bench", "quality", "--prompts", "a red cube", "--guidance", "sds", "--sds.perp-neg-scale",
-                 "nan", "--steps", "1", "--no-mesh", "--out", str(out)]) != 0
+    assert (
+        main(
+            [
+                "bench",
+                "quality",
+                "--prompts",
+                "a red cube",
+                "--guidance",
+                "sds",
+                "--sds.perp-neg-scale",
+                "nan",
+                "--steps",
+                "1",
+                "--no-mesh",
+                "--out",
+                str(out),
+            ]
+        )
+        != 0
+    )
 
 
 def test_saturation_excess_is_exact_on_flat_colours():
     from dreamlab.bench.metrics import hsv_saturation, saturation_excess
 
-    assert hsv_saturation(torch.tensor([[1.0, 0.5, 0.5], [0.0, 0.0, 0.0], [0.4, 0.4, 0.4]])).tolist() == [0.5, 0.0, 0.0]
+    assert hsv_saturation(
+        torch.tensor([[1.0, 0.5, 0.5], [0.0, 0.0, 0.0], [0.4, 0.4, 0.4]])
+    ).tolist() == [0.5, 0.0, 0.0]
     pred = torch.zeros(2, 4, 4, 3)
     pred[..., 0] = 1.0  # pure red: S = 1
     truth = torch.full((2, 4, 4, 3), 0.5)

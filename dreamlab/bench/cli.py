@@ -104,7 +104,8 @@ def bench_prior(args: BenchPriorArgs) -> int:
     )
     print(summary_table(result))
     print(
-        f"\nprompt accuracy {result.accuracy:.3f} over {len(result.samples)} samples "
+        f"\nprompt accuracy {result.accuracy:.3f} (among the benchmark prompts' objects: "
+        f"{result.accuracy_among_prompts:.3f}) over {len(result.samples)} samples "
         f"({result.seconds:.1f} s sampling)"
     )
     print(f"wrote {result.markdown}, {result.csv}, {result.png}")
