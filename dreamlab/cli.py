@@ -116,9 +116,10 @@ class TrainBuiltinArgs:
     """Seeds the world's views, the initial weights and every batch."""
     num_views: int | None = None
     """Size of the rendered view cache (default: the world's own)."""
-    view_caption_loss_weight: float = 1.0
-    """Loss weight of captions that name a view of an object with a front (1 = plain mean; the
-    v2 weights, trained at 1, did not learn the view words)."""
+    view_caption_loss_weight: float = 2.0
+    """Loss weight of captions that name a view of an object with a front (1 = plain mean). The
+    shipped v4 weights used 2; v2, trained at 1, did not learn the view words, and 4 (v3) cost
+    prompt accuracy (docs/builtin-prior.md)."""
     out: Path | None = None
     """Folder for the trained prior (default: assets/builtin-prior, the shipped default)."""
     work_dir: Path = Path("builtin-prior-work")
