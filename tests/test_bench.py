@@ -137,6 +137,46 @@ def test_ddim_early_stop_returns_the_clipped_x0_prediction():
     assert len(prior.seen_embeds) == 4
 
 
+def test_ddim_view_guidance_adds_w_times_prompt_minus_base():
+    """ε̂ = ε_∅ + s(ε_y − ε_∅) + w(ε_y − ε_base), checked on one DDIM step's x̂0 (no clipping:
+    the stub's x̂0 stays inside [−1, 1] only by luck, so compare before the clamp)."""
+    prior = StubPixelPrior()
+    s, w, t = 1.25, 3.0, 750
+    out = ddim_sample(
+        prior,
+        ["abcd"],
+        torch.Generator().manual_seed(2),
+        num_steps=4,
+        guidance_scale=s,
+        clip_x0=False,
+        stop_at_t=1000,
+        base_prompts=["ab"],
+        view_guidance_scale=w,
+    )
+    assert len(prior.seen_embeds) == 1 and prior.seen_embeds[0].shape[0] == 3  # ∅, y, base
+    x = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(2))
+    tt = torch.tensor([t])
+    e_u, e_y, e_b = (prior.predict_eps(x, tt, prior.encode_prompt([p])) for p in ("", "abcd", "ab"))
+    eps = e_u + s * (e_y - e_u) + w * (e_y - e_b)
+    alpha_bar = prior.scheduler.alphas_cumprod[t]
+    x0 = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    assert torch.allclose(out, prior.decode_latents(x0), atol=1e-6)
+    # a base equal to the prompt changes nothing; w = 0 runs two branches only
+    gen = lambda: torch.Generator().manual_seed(4)
+    plain = ddim_sample(prior, ["abc"], gen(), num_steps=3)
+    same = ddim_sample(
+        prior, ["abc"], gen(), num_steps=3, base_prompts=["abc"], view_guidance_scale=2.0
+    )
+    assert torch.allclose(plain, same, atol=1e-6)
+    prior.seen_embeds.clear()
+    ddim_sample(prior, ["abc"], gen(), num_steps=2, base_prompts=["a"], view_guidance_scale=0.0)
+    assert all(e.shape[0] == 2 for e in prior.seen_embeds)
+    with pytest.raises(ValueError, match="base prompt"):
+        ddim_sample(prior, ["abc"], gen(), num_steps=2, view_guidance_scale=1.0)
+    with pytest.raises(ValueError, match="view_guidance_scale"):
+        ddim_sample(prior, ["abc"], gen(), base_prompts=["a"], view_guidance_scale=-1.0)
+
+
 def test_ddim_refuses_bad_arguments(tiny_prior):
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(TypeError):

@@ -30,6 +30,10 @@ class BenchPriorArgs:
     prior: prompt accuracy 0.79 vs 0.74 at 1, 0.78 at 1.4, 0.32 at 2; docs/builtin-prior.md)."""
     stop_at_t: int = 100
     """Return the predicted clean image once the timestep is <= this (0: run every DDIM step)."""
+    view_guidance_scale: float = 0.0
+    """Separate guidance weight w for the view phrase of objects with a front:
+    ε̂ = ε_∅ + s(ε_y − ε_∅) + w(ε_y − ε_prompt without the view) (composable guidance). 0 = off;
+    measured on v4 in docs/builtin-prior.md (it trades prompt accuracy for view accuracy)."""
     seed: int = 0
     """Base seed; the same seed gives the same samples."""
     out: Path = Path("bench-results/prior")
@@ -90,6 +94,8 @@ def bench_prior(args: BenchPriorArgs) -> int:
         raise ValueError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if args.stop_at_t < 0:
         raise ValueError(f"--stop-at-t must be >= 0, got {args.stop_at_t}")
+    if args.view_guidance_scale < 0:
+        raise ValueError(f"--view-guidance-scale must be >= 0, got {args.view_guidance_scale}")
     device = resolve_device(args.device)
     prior = load_prior(args.prior, device=device)
     result = run_prior_bench(
@@ -99,6 +105,7 @@ def bench_prior(args: BenchPriorArgs) -> int:
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         stop_at_t=args.stop_at_t,
+        view_guidance_scale=args.view_guidance_scale,
         seed=args.seed,
         out_dir=args.out,
     )

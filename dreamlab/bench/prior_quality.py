@@ -481,6 +481,7 @@ def run_prior_bench(
     reference_elevations: Sequence[float] = REFERENCE_ELEVATIONS,
     reference_distances: Sequence[float] = REFERENCE_DISTANCES,
     ceiling: bool = True,
+    view_guidance_scale: float = 0.0,
 ) -> PriorBenchResult:
     """Samples the prior for every prompt (× view word) and scores the samples (module docstring).
 
@@ -501,6 +502,8 @@ def run_prior_bench(
         reference_elevations: elevations of the reference ring, degrees.
         reference_distances: camera distances of the reference ring.
         ceiling: also score ``samples_per`` ground-truth renders per condition (the ceiling).
+        view_guidance_scale: w of the sampler's separate guidance term for the view phrase
+            (``ddim_sample``; the base prompt is the benchmark prompt without it). 0 = off.
     """
     from dreamlab.world.catalog import benchmark_prompts
 
@@ -508,6 +511,8 @@ def run_prior_bench(
         raise ValueError(f"samples per prompt must be >= 1, got {samples_per}")
     if steps < 1:
         raise ValueError(f"DDIM steps must be >= 1, got {steps}")
+    if view_guidance_scale < 0:
+        raise ValueError(f"view guidance scale must be >= 0, got {view_guidance_scale}")
     prompts = list(benchmark_prompts() if prompts is None else prompts)
     if not prompts:
         raise ValueError("no prompts to benchmark")
@@ -536,6 +541,8 @@ def run_prior_bench(
                     guidance_scale=guidance_scale,
                     clip_x0=clip_x0,
                     stop_at_t=stop_at_t,
+                    base_prompts=[cond.prompt] * n,
+                    view_guidance_scale=view_guidance_scale if cond.view is not None else 0.0,
                 )
             )
         per_condition.append(torch.cat(chunks))
@@ -611,7 +618,8 @@ def run_prior_bench(
     )
     settings = (
         f"samples per prompt {samples_per}, DDIM steps {steps}, CFG {guidance_scale}, "
-        f"x0 clipping {'on' if clip_x0 else 'off'}, x̂0 returned at t <= {stop_at_t}, seed {seed}"
+        f"x0 clipping {'on' if clip_x0 else 'off'}, x̂0 returned at t <= {stop_at_t}, "
+        f"view guidance {view_guidance_scale:g}, seed {seed}"
     )
     _write_markdown(result, settings, refs)
     _write_csv(result)
