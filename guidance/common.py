@@ -186,6 +186,8 @@ class GuidanceBase:
         self.view_mode: ViewMode = cfg.view_dependent or prompt.view_dependent
         if getattr(cfg, "perp_neg", False) and self.view_mode == "none":
             raise ValueError('perp_neg needs view-dependent prompts, but the view mode is "none"')
+        if getattr(cfg, "view_guidance_scale", 0.0) > 0 and self.view_mode == "none":
+            raise ValueError('view_guidance_scale needs view-dependent prompts, but the view mode is "none"')
 
     def text_conditioning(self, embeds: PromptEmbeds, cams: Cameras) -> TextConditioning:
         """The per-view text embeddings of this call (see ``TextConditioning``).

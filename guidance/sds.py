@@ -31,6 +31,16 @@ blocks, so for B > 1 it evaluates negatives at another view's x_t (its open issu
 does not reproduce that. Reference: threestudio ``compute_grad_sds`` (Perp-Neg branch),
 ``prompt_processors/base.py`` (``get_text_embeddings_perp_neg``), ``utils/ops.py``
 (``perpendicular_component``, ``shifted_expotional_decay``).
+
+Optional view guidance (``view_guidance_scale`` w > 0; dreamlab's own option, not from a 3D
+paper: composable classifier-free guidance, Liu, Li, Du, Torralba, Tenenbaum 2022, arXiv
+2206.01714, applied to the view phrase). A second, unbatched ``predict_eps`` call with the
+prompt as typed (no view words, y_plain) adds a term for what the view phrase alone says:
+
+    ε̂ ← ε̂ + w (ε_φ(x_t; y_view, t) − ε_φ(x_t; y_plain, t))
+
+(y_view is the Perp-Neg positive when Perp-Neg is on). It strengthens the view words without
+raising the scale s of the whole prompt.
 """
 
 from __future__ import annotations
@@ -91,11 +101,16 @@ class SDSConfig:
     ``guidance_perp_neg: g`` is perp_neg_scale = −g)."""
     perp_neg_weights: PerpNegWeights = field(default_factory=PerpNegWeights)
     """Perp-Neg's decay functions f(r) = a·exp(−b·r) + c (threestudio ``perp_neg_f_*`` defaults)."""
+    view_guidance_scale: float = 0.0
+    """w of a separate guidance term for the view phrase, ε̂ += w(ε_view − ε_plain) (composable
+    CFG; dreamlab's own option, 0 = off). Costs one more U-Net pass per step."""
 
     def validate(self) -> None:
         """Raises ValueError with a one-line message for impossible settings."""
         if not self.guidance_scale >= 0.0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not (0.0 <= self.view_guidance_scale < float("inf")):
+            raise ValueError(f"view_guidance_scale must be a finite number >= 0, got {self.view_guidance_scale}")
         validate_common_fields(self)
 
     def build(self, prior: Prior, prompt: PromptConfig | None = None) -> SDS:
@@ -112,6 +127,7 @@ class SDSAux:
     weights: Tensor  # [B] w(t)
     grad: Tensor  # [B, C, h, w] g = w(t)(ε̂ − ε) after nan_to_num and clipping
     neg_weights: Tensor | None = None  # [B, 2] Perp-Neg weights λ·w_i applied (None without Perp-Neg)
+    eps_plain: Tensor | None = None  # [B, C, h, w] ε with the prompt as typed (view guidance only)
 
 
 class SDS(GuidanceBase):
@@ -146,7 +162,12 @@ class SDS(GuidanceBase):
         alpha, sigma = alpha_sigma(alphas_cumprod, t)
         with torch.no_grad():
             x_t = alpha * latents.detach() + sigma * noise
-            eps_pred = predict_eps_guided(prior, x_t, t, text, cfg.guidance_scale)[0]
+            eps_pred, eps_cond, _ = predict_eps_guided(prior, x_t, t, text, cfg.guidance_scale)
+            eps_plain = None
+            if cfg.view_guidance_scale > 0:
+                plain = embeds.plain.to(device=prior.device).expand(batch, -1, -1)
+                eps_plain = prior.predict_eps(x_t, t, plain).float()
+                eps_pred = eps_pred + cfg.view_guidance_scale * (eps_cond - eps_plain)
 
             # 5. g = w(t)(ε̂ − ε), made finite, optionally clamped (D-SDS).
             w = weighting(cfg.weighting, alphas_cumprod, t)
@@ -156,5 +177,7 @@ class SDS(GuidanceBase):
         # 6. Surrogate loss whose gradient w.r.t. the latents is loss_scale · g / B.
         return guidance_output(
             latents, grad, batch, t, cfg.loss_scale,
-            aux=SDSAux(noise=noise, eps_pred=eps_pred, weights=w, grad=grad, neg_weights=text.neg_weights),
+            aux=SDSAux(
+                noise=noise, eps_pred=eps_pred, weights=w, grad=grad, neg_weights=text.neg_weights, eps_plain=eps_plain
+            ),
         )

@@ -203,6 +203,34 @@ def test_sds_exact_update_rule(prior, embeds, monkeypatch, weighting_name):
     assert rgb.grad is not None and rgb.grad.abs().sum() > 0
 
 
+def test_sds_view_guidance_exact_update_rule(prior, embeds, monkeypatch):
+    """ε̂ = ε_∅ + s(ε_view − ε_∅) + w(ε_view − ε_plain), the plain prompt in a second call."""
+    calls = []
+    stub = _stub_predict(prior, monkeypatch, calls)
+    cfg = SDSConfig(guidance_scale=2.0, view_guidance_scale=3.0)
+    batch, progress, seed = 3, 0.3, 7
+    cams = _cams(batch, seed=2)
+    out = cfg.build(prior)(torch.rand(batch, 16, 16, 3), cams, embeds, progress, torch.Generator().manual_seed(seed))
+    assert len(calls) == 2
+    cond, uncond = embeds_for_cameras(embeds, cams, "discrete")
+    x_t, t = calls[1][0], calls[1][1]
+    torch.testing.assert_close(calls[1][2], embeds.plain.expand(batch, -1, -1))
+    torch.testing.assert_close(x_t, calls[0][0][:batch])
+    e_c, e_u, e_p = stub(x_t, t, cond), stub(x_t, t, uncond), stub(x_t, t, embeds.plain.expand(batch, -1, -1))
+    torch.testing.assert_close(out.aux.eps_pred, e_u + 2.0 * (e_c - e_u) + 3.0 * (e_c - e_p))
+    torch.testing.assert_close(out.aux.eps_plain, e_p)
+    # w = 0 is plain SDS: one call, the same gradient
+    calls.clear()
+    again = SDSConfig(guidance_scale=2.0).build(prior)(
+        torch.rand(batch, 16, 16, 3), cams, embeds, progress, torch.Generator().manual_seed(seed)
+    )
+    assert len(calls) == 1 and again.aux.eps_plain is None
+    with pytest.raises(ValueError, match="view_guidance_scale"):
+        SDSConfig(view_guidance_scale=-1.0).validate()
+    with pytest.raises(ValueError, match="view-dependent"):
+        SDSConfig(view_guidance_scale=1.0, view_dependent="none").build(prior)
+
+
 def test_sds_grad_clip(prior, embeds, monkeypatch):
     _stub_predict(prior, monkeypatch, [])
     cfg = SDSConfig(guidance_scale=50.0, weighting="uniform", grad_clip=Constant(1e-3))
