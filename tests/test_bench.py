@@ -604,48 +604,13 @@ def test_bench_quality_takes_the_methods_own_options(tmp_path):
     from dreamlab.cli import main
 
     out = tmp_path / "q"
-    code = main(
-        [
-            "bench",
-            "quality",
-            "--prompts",
-            "a red cube",
-            "--guidance",
-            "sds",
-            "--sds.perp-neg",
-            "True",
-            "--sds.guidance-scale",
-            "5",
-            "--steps",
-            "1",
-            "--no-mesh",
-            "--out",
-            str(out),
-        ]
-    )
+    base = ["bench", "quality", "--prompts", "a red cube", "--guidance", "sds", "--steps", "1"]
+    tail = ["--no-mesh", "--out", str(out)]
+    code = main(base + ["--sds.perp-neg", "True", "--sds.guidance-scale", "5"] + tail)
     assert code == 0
     settings = (out / "quality.md").read_text()
     assert "sds.perp_neg True" in settings and "sds.guidance_scale 5.0" in settings
-    assert (
-        main(
-            [
-                "bench",
-                "quality",
-                "--prompts",
-                "a red cube",
-                "--guidance",
-                "sds",
-                "--sds.perp-neg-scale",
-                "nan",
-                "--steps",
-                "1",
-                "--no-mesh",
-                "--out",
-                str(out),
-            ]
-        )
-        != 0
-    )
+    assert main(base + ["--sds.perp-neg-scale", "nan"] + tail) != 0
 
 
 def test_saturation_excess_is_exact_on_flat_colours():
