@@ -244,16 +244,27 @@ def blurred_features(images: Tensor, blur_sigma: float = 1.0) -> Tensor:
     return gaussian_blur(images.float(), blur_sigma).flatten(1)
 
 
+def feature_distances(sample_features: Tensor, reference_features: Tensor) -> Tensor:
+    """[N, M] mean squared distance between every sample vector [N, F] and reference [M, F]."""
+    d = torch.cdist(sample_features.float(), reference_features.float()).pow(2)
+    return d / sample_features.shape[1]
+
+
+def nearest_in(distances: Tensor, candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(index [N], distance [N]) of the smallest entry of each row of ``distances`` [N, M],
+    among the True entries of ``candidates`` ([N, M] or [M] bool) when given. Several candidate
+    sets can share one :func:`feature_distances` matrix this way."""
+    if candidates is not None:
+        distances = torch.where(candidates, distances, torch.full_like(distances, float("inf")))
+    dist, index = distances.min(dim=1)
+    return index, dist
+
+
 def nearest_by_features(
     sample_features: Tensor, reference_features: Tensor, candidates: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(index [N], mean squared distance [N]) of the nearest reference vector to each sample's."""
-    d = torch.cdist(sample_features.float(), reference_features.float()).pow(2)
-    d = d / sample_features.shape[1]  # [N, M]
-    if candidates is not None:
-        d = torch.where(candidates, d, torch.full_like(d, float("inf")))
-    dist, index = d.min(dim=1)
-    return index, dist
+    return nearest_in(feature_distances(sample_features, reference_features), candidates)
 
 
 def nearest_reference(

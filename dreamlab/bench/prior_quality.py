@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dreamlab.bench.metrics import blurred_features, nearest_by_features
+from dreamlab.bench.metrics import blurred_features, feature_distances, nearest_in
 from dreamlab.bench.report import (
     fmt,
     framed,
@@ -374,17 +374,17 @@ def score_images(
 
     ``prompt_objects``: canonical spec indices of the benchmark prompts' objects, the candidates
     of ``right_among_prompts`` (default: the asked object alone, which makes it always true)."""
-    features = blurred_features(images, BLUR_SIGMA)
-    index, dist = nearest_by_features(features, refs.features)
+    # one distance matrix [N, M]; the three tests below pick their minimum over other candidates
+    distances = feature_distances(blurred_features(images, BLUR_SIGMA), refs.features)
+    index, dist = nearest_in(distances)
     asked = refs.canonical[refs.specs.index(condition.spec)]
     candidates = torch.tensor(sorted(set(prompt_objects or ()) | {asked}))
-    among = torch.isin(refs.spec_index, candidates)
-    pi, _ = nearest_by_features(features, refs.features, among.expand(len(images), -1))
+    pi, _ = nearest_in(distances, torch.isin(refs.spec_index, candidates))
     view_pred: list[str | None] = [None] * len(images)
     if condition.view is not None:
         ref_view = [reference_view(float(a)) for a in refs.azimuth_deg.tolist()]
         allowed = (refs.spec_index == asked) & torch.tensor([v is not None for v in ref_view])
-        vi, _ = nearest_by_features(features, refs.features, allowed.expand(len(images), -1))
+        vi, _ = nearest_in(distances, allowed)
         view_pred = [ref_view[int(i)] for i in vi]
     out = []
     for k in range(len(images)):
