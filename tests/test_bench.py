@@ -177,6 +177,54 @@ def test_ddim_view_guidance_adds_w_times_prompt_minus_base():
         ddim_sample(prior, ["abc"], gen(), base_prompts=["a"], view_guidance_scale=-1.0)
 
 
+def test_ddim_other_view_negation_subtracts_u_times_mean_other_minus_base():
+    """ε̂ = ε_∅ + s(ε_y − ε_∅) + w(ε_y − ε_base) − u·mean_k(ε_other_k − ε_base), on one step's
+    x̂0 for a batch of two prompts (each with its own two other-view prompts)."""
+    prior = StubPixelPrior()
+    s, w, u, t = 1.25, 2.0, 1.5, 750
+    prompts, bases = ["abcd", "abcde"], ["ab", "abc"]
+    others = [["abcdef", "a"], ["abcdefg", "abcdefgh"]]
+    out = ddim_sample(
+        prior,
+        prompts,
+        torch.Generator().manual_seed(2),
+        num_steps=4,
+        guidance_scale=s,
+        clip_x0=False,
+        stop_at_t=1000,
+        base_prompts=bases,
+        view_guidance_scale=w,
+        other_view_prompts=others,
+        other_view_scale=u,
+    )
+    assert len(prior.seen_embeds) == 1 and prior.seen_embeds[0].shape[0] == 2 * 5  # ∅, y, base, 2 others
+    x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(2))
+    alpha_bar = prior.scheduler.alphas_cumprod[t]
+    for b in range(2):
+        xb, tt = x[b : b + 1], torch.tensor([t])
+        e = {p: prior.predict_eps(xb, tt, prior.encode_prompt([p])) for p in ["", prompts[b], bases[b], *others[b]]}
+        e_u, e_y, e_b = e[""], e[prompts[b]], e[bases[b]]
+        negation = ((e[others[b][0]] - e_b) + (e[others[b][1]] - e_b)) / 2
+        eps = e_u + s * (e_y - e_u) + w * (e_y - e_b) - u * negation
+        x0 = (xb - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        assert torch.allclose(out[b : b + 1], prior.decode_latents(x0), atol=1e-6)
+    # other views equal to the base change nothing
+    gen = lambda: torch.Generator().manual_seed(4)
+    plain = ddim_sample(prior, ["abc"], gen(), num_steps=3)
+    same = ddim_sample(
+        prior, ["abc"], gen(), num_steps=3, base_prompts=["ab"], other_view_prompts=[["ab", "ab"]], other_view_scale=2.0
+    )
+    assert torch.allclose(plain, same, atol=1e-6)
+    with pytest.raises(ValueError, match="base prompt"):
+        ddim_sample(prior, ["abc"], gen(), other_view_prompts=[["a"]], other_view_scale=1.0)
+    with pytest.raises(ValueError, match="other-view prompts"):
+        ddim_sample(prior, ["abc"], gen(), base_prompts=["a"], other_view_scale=1.0)
+    with pytest.raises(ValueError, match="same number"):
+        ddim_sample(prior, ["abc", "ab"], gen(), base_prompts=["a", "a"], other_view_prompts=[["a"], []], other_view_scale=1.0)
+    with pytest.raises(ValueError, match="other_view_scale"):
+        ddim_sample(prior, ["abc"], gen(), base_prompts=["a"], other_view_prompts=[["a"]], other_view_scale=-1.0)
+
+
 def test_ddim_refuses_bad_arguments(tiny_prior):
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(TypeError):
@@ -629,3 +677,19 @@ def test_saturation_excess_is_exact_on_flat_colours():
     excess = saturation_excess(pred, truth, mask, gt_mask)
     assert excess[0].item() == pytest.approx(0.5) and torch.isnan(excess[1])
     assert saturation_excess(truth, pred, mask, mask)[0].item() == pytest.approx(-0.5)
+
+
+def test_prior_bench_negates_the_other_views_only_when_asked(tmp_path):
+    from dreamlab.bench.prior_quality import run_prior_bench
+
+    prior = _tiny_builtin(2)
+    kwargs = dict(samples_per=1, steps=2, ceiling=False, reference_azimuths=4, reference_elevations=(15.0,),
+                  reference_distances=(2.4,))
+    plain = run_prior_bench(prior, ["a snowman"], out_dir=tmp_path / "a", **kwargs)
+    negated = run_prior_bench(prior, ["a snowman"], out_dir=tmp_path / "b", other_view_scale=1.0, **kwargs)
+    assert "other-view negation 1" in (tmp_path / "b" / "prior_bench.md").read_text()
+    assert len(plain.rows) == len(negated.rows) == 3  # front, side, back
+    with pytest.raises(ValueError, match="other-view scale"):
+        run_prior_bench(prior, ["a snowman"], out_dir=tmp_path / "c", other_view_scale=-1.0, **kwargs)
+    with pytest.raises(ValueError, match="two view words"):
+        run_prior_bench(prior, ["a snowman"], views=("front",), out_dir=tmp_path / "d", other_view_scale=1.0, **kwargs)

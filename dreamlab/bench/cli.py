@@ -35,6 +35,10 @@ class BenchPriorArgs:
     ε̂ = ε_∅ + s(ε_y − ε_∅) + w(ε_y − ε_prompt without the view) (composable guidance). 0 = off.
     Measured on the shipped v4 prior (docs/builtin-prior.md): view accuracy 0.43 / 0.54 / 0.60 at
     w = 0 / 3 / 6, prompt accuracy among the benchmark prompts 0.988 / 0.981 / 0.975."""
+    other_view_scale: float = 0.0
+    """Weight u of a negation of the other view words for objects with a front (composable
+    guidance's NOT): ε̂ −= u · mean over the other views v' of (ε_{prompt, v' view} − ε_prompt).
+    0 = off (two more U-Net branches per step when on)."""
     seed: int = 0
     """Base seed; the same seed gives the same samples."""
     out: Path = Path("bench-results/prior")
@@ -97,6 +101,8 @@ def bench_prior(args: BenchPriorArgs) -> int:
         raise ValueError(f"--stop-at-t must be >= 0, got {args.stop_at_t}")
     if args.view_guidance_scale < 0:
         raise ValueError(f"--view-guidance-scale must be >= 0, got {args.view_guidance_scale}")
+    if args.other_view_scale < 0:
+        raise ValueError(f"--other-view-scale must be >= 0, got {args.other_view_scale}")
     device = resolve_device(args.device)
     prior = load_prior(args.prior, device=device)
     result = run_prior_bench(
@@ -107,6 +113,7 @@ def bench_prior(args: BenchPriorArgs) -> int:
         guidance_scale=args.guidance_scale,
         stop_at_t=args.stop_at_t,
         view_guidance_scale=args.view_guidance_scale,
+        other_view_scale=args.other_view_scale,
         seed=args.seed,
         out_dir=args.out,
     )

@@ -482,6 +482,7 @@ def run_prior_bench(
     reference_distances: Sequence[float] = REFERENCE_DISTANCES,
     ceiling: bool = True,
     view_guidance_scale: float = 6.0,
+    other_view_scale: float = 0.0,
 ) -> PriorBenchResult:
     """Samples the prior for every prompt (× view word) and scores the samples (module docstring).
 
@@ -505,7 +506,10 @@ def run_prior_bench(
         view_guidance_scale: w of the sampler's separate guidance term for the view phrase
             (``ddim_sample``; the base prompt is the benchmark prompt without it). 0 = off; 6 was
             measured best for view accuracy on the shipped prior (docs/builtin-prior.md).
+        other_view_scale: u of the sampler's negation of the other view words (``ddim_sample``:
+            the other entries of ``views``, relative to the prompt without a view). 0 = off.
     """
+    from dreamlab.prompts import view_prompt
     from dreamlab.world.catalog import benchmark_prompts
 
     if samples_per < 1:
@@ -514,6 +518,10 @@ def run_prior_bench(
         raise ValueError(f"DDIM steps must be >= 1, got {steps}")
     if view_guidance_scale < 0:
         raise ValueError(f"view guidance scale must be >= 0, got {view_guidance_scale}")
+    if other_view_scale < 0:
+        raise ValueError(f"other-view scale must be >= 0, got {other_view_scale}")
+    if other_view_scale > 0 and len(views) < 2:
+        raise ValueError("negating the other views needs at least two view words")
     prompts = list(benchmark_prompts() if prompts is None else prompts)
     if not prompts:
         raise ValueError("no prompts to benchmark")
@@ -533,6 +541,8 @@ def run_prior_bench(
         for lo in range(0, samples_per, batch_size):
             n = min(batch_size, samples_per - lo)
             texts = [cond.text] * n
+            negate = other_view_scale > 0 and cond.view is not None
+            others = [view_prompt(cond.prompt, v) for v in views if v != cond.view] if negate else None
             chunks.append(
                 ddim_sample(
                     prior,
@@ -544,6 +554,8 @@ def run_prior_bench(
                     stop_at_t=stop_at_t,
                     base_prompts=[cond.prompt] * n,
                     view_guidance_scale=view_guidance_scale if cond.view is not None else 0.0,
+                    other_view_prompts=[others] * n if negate else None,
+                    other_view_scale=other_view_scale if negate else 0.0,
                 )
             )
         per_condition.append(torch.cat(chunks))
@@ -620,7 +632,7 @@ def run_prior_bench(
     settings = (
         f"samples per prompt {samples_per}, DDIM steps {steps}, CFG {guidance_scale}, "
         f"x0 clipping {'on' if clip_x0 else 'off'}, x̂0 returned at t <= {stop_at_t}, "
-        f"view guidance {view_guidance_scale:g}, seed {seed}"
+        f"view guidance {view_guidance_scale:g}, other-view negation {other_view_scale:g}, seed {seed}"
     )
     _write_markdown(result, settings, refs)
     _write_csv(result)

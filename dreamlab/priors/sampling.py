@@ -74,6 +74,8 @@ def ddim_sample(
     stop_at_t: int = 100,
     base_prompts: list[str] | None = None,
     view_guidance_scale: float = 0.0,
+    other_view_prompts: list[list[str]] | None = None,
+    other_view_scale: float = 0.0,
 ) -> Tensor:
     """Samples one image per prompt with DDIM and classifier-free guidance.
 
@@ -95,6 +97,14 @@ def ddim_sample(
             the sample towards what the view phrase adds to the prompt without raising the
             object's own scale s, which breaks this prior's shapes above ~1.3. 0 = off (the
             third UNet branch is not run).
+        other_view_prompts: per prompt, the same K >= 1 prompts with the *other* view phrases
+            ("a house, front view" and "a house, back view" for "a house, side view"); needed
+            when ``other_view_scale`` > 0.
+        other_view_scale: u of composable guidance's negation (Liu et al. 2022, the "NOT"
+            operator) applied to the other views, relative to the base prompt:
+            ε̂ += −u · mean_k(ε_{other_k} − ε_base). It steers away from what the other view
+            phrases would add, the 2-D use of view negatives that Perp-Neg (Armandpour et al.
+            2023) starts from. 0 = off (the K extra branches are not run).
     Returns:
         [B, 3, S, S] images in [0, 1] on the CPU, S = ``prior.image_size``.
     """
@@ -115,6 +125,16 @@ def ddim_sample(
         raise ValueError(f"view_guidance_scale must be >= 0, got {view_guidance_scale}")
     if view_guidance_scale > 0 and (base_prompts is None or len(base_prompts) != len(prompts)):
         raise ValueError("view guidance needs one base prompt (without the view phrase) per prompt")
+    if other_view_scale < 0:
+        raise ValueError(f"other_view_scale must be >= 0, got {other_view_scale}")
+    if other_view_scale > 0:
+        if base_prompts is None or len(base_prompts) != len(prompts):
+            raise ValueError("other-view negation needs one base prompt (without the view phrase) per prompt")
+        if other_view_prompts is None or len(other_view_prompts) != len(prompts):
+            raise ValueError("other-view negation needs a list of other-view prompts per prompt")
+        counts = {len(others) for others in other_view_prompts}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError("every prompt needs the same number (>= 1) of other-view prompts")
     assert generator.device.type == "cpu", "ddim_sample draws its noise from a CPU generator"
 
     device = prior.device
@@ -126,10 +146,18 @@ def ddim_sample(
     uncond = prior.encode_prompt([negative_prompt]).to(device).expand(batch, -1, -1)  # [B, L, D]
     embeds = torch.cat([uncond, cond])  # [2B, L, D]
     branches = 2
-    if view_guidance_scale > 0:
+    needs_base = view_guidance_scale > 0 or other_view_scale > 0
+    if needs_base:
         base = prior.encode_prompt(list(base_prompts)).to(device)  # [B, L, D]
         embeds = torch.cat([embeds, base])  # [3B, L, D]
         branches = 3
+    num_others = 0
+    if other_view_scale > 0:
+        num_others = len(other_view_prompts[0])
+        for k in range(num_others):  # block k: the k-th other view of every prompt
+            others = prior.encode_prompt([row[k] for row in other_view_prompts]).to(device)
+            embeds = torch.cat([embeds, others])
+        branches += num_others
 
     size = latent_size(prior)
     shape = (batch, int(prior.latent_channels), size, size)
@@ -140,8 +168,13 @@ def ddim_sample(
         eps_all = prior.predict_eps(torch.cat([x] * branches), t_batch, embeds).float()
         eps_uncond, eps_cond = eps_all[:batch], eps_all[batch : 2 * batch]
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        if branches == 3:
-            eps = eps + view_guidance_scale * (eps_cond - eps_all[2 * batch :])
+        if needs_base:
+            eps_base = eps_all[2 * batch : 3 * batch]
+            if view_guidance_scale > 0:
+                eps = eps + view_guidance_scale * (eps_cond - eps_base)
+            if num_others:
+                eps_others = eps_all[3 * batch :].reshape(num_others, batch, *eps_base.shape[1:])
+                eps = eps - other_view_scale * (eps_others - eps_base).mean(dim=0)
         noise = None
         if eta > 0:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
