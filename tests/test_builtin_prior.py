@@ -203,14 +203,16 @@ def test_view_caption_loss_weight_applies_only_to_view_words_of_objects_with_a_f
 
 
 def test_builtin_preset_trains_from_higher_elevations_than_other_priors():
-    """The builtin preset sees the torus's hole: training cameras reach 55° above the horizon;
-    a Stable Diffusion prior keeps the usual camera ranges."""
+    """The builtin preset's Gaussians see the torus's hole: training cameras reach 55° above
+    the horizon; the NeRF and a Stable Diffusion prior keep the usual camera ranges."""
     from dreamlab.cameras import CameraSamplerConfig
     from dreamlab.config import BUILTIN_PRIOR_ELEVATION_DEG, make_run_config
 
     builtin = make_run_config("a torus", prior="builtin", device="cpu")
     assert builtin.train.cameras.elevation_deg == BUILTIN_PRIOR_ELEVATION_DEG == (-10.0, 55.0)
     assert builtin.train.cameras.azimuth_deg == CameraSamplerConfig().azimuth_deg
+    nerf = make_run_config("a torus", prior="builtin", renderer="nerf", device="cpu")
+    assert nerf.train.cameras.elevation_deg == CameraSamplerConfig().elevation_deg
     stable = make_run_config("a torus", prior="sd21-base", device="cpu")
     assert stable.train.cameras.elevation_deg == CameraSamplerConfig().elevation_deg
 
