@@ -683,8 +683,8 @@ def test_prior_bench_negates_the_other_views_only_when_asked(tmp_path):
     from dreamlab.bench.prior_quality import run_prior_bench
 
     prior = _tiny_builtin(2)
-    kwargs = dict(samples_per=1, steps=2, ceiling=False, reference_azimuths=4, reference_elevations=(15.0,),
-                  reference_distances=(2.4,))
+    kwargs = {"samples_per": 1, "steps": 2, "ceiling": False, "reference_azimuths": 4,
+              "reference_elevations": (15.0,), "reference_distances": (2.4,)}
     plain = run_prior_bench(prior, ["a snowman"], out_dir=tmp_path / "a", **kwargs)
     negated = run_prior_bench(prior, ["a snowman"], out_dir=tmp_path / "b", other_view_scale=1.0, **kwargs)
     assert "other-view negation 1" in (tmp_path / "b" / "prior_bench.md").read_text()
