@@ -1,14 +1,14 @@
 """One picture per prompt comparing guidance methods: ground truth, then each method's result row.
 
 Reads the ``quality.png`` grids that ``dreamlab bench quality --out DIR`` writes (a result row and
-a ground-truth row per run, labelled at the left; layout of ``bench.quality._write_png``: label
-220 px, gap 2 px, 64 px tiles) and the matching ``quality.csv`` (for the run order), and writes
+a ground-truth row per run; cut with ``bench.zoo_saturation.run_tiles``) and the matching
+``quality.csv`` (for the run order), and writes
 one PNG with the truth once and every method's result for the chosen prompt and seed, each row
 labelled with the method name and its IoU / Janus from the CSV.
 
 Usage::
 
-    python bench/zoo_grid.py OUT.png "a house" sds=bench-results/x/sds vsd=bench-results/x/vsd ...
+    python -m bench.zoo_grid OUT.png "a house" sds=bench-results/x/sds vsd=bench-results/x/vsd ...
         [--seed 0]
 """
 
@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.zoo_saturation import GAP, run_tiles
 from dreamlab.bench.report import grid_png
-
-LABEL, GAP, TILE = 220, 2, 64
 
 
 def result_and_truth(run_dir: Path, prompt: str, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -34,9 +33,7 @@ def result_and_truth(run_dir: Path, prompt: str, seed: int) -> tuple[np.ndarray,
     if index is None:
         raise SystemExit(f"{run_dir}: no run of {prompt!r} at seed {seed}")
     image = np.asarray(Image.open(run_dir / "quality.png").convert("RGB"))
-    top = GAP + 2 * index * (TILE + GAP)
-    result = image[top : top + TILE, LABEL:]
-    truth = image[top + TILE + GAP : top + 2 * TILE + GAP, LABEL:]
+    result, truth = run_tiles(image, index)
     return result, truth, rows[index]
 
 

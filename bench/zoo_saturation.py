@@ -32,15 +32,20 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.where(high > 1e-6, (high - low) / np.maximum(high, 1e-6), 0.0)
 
 
+def run_tiles(image: np.ndarray, run: int) -> tuple[np.ndarray, np.ndarray]:
+    """(result row, ground-truth row) of run number ``run`` (the CSV's row order) in a
+    ``quality.png`` read as an [H, W, 3] array, label column cut off."""
+    top = GAP + 2 * run * (TILE + GAP)
+    return image[top : top + TILE, LABEL:], image[top + TILE + GAP : top + 2 * TILE + GAP, LABEL:]
+
+
 def method_saturation(png: Path) -> tuple[float, float]:
     """(mean result saturation, mean truth saturation) over the runs of one quality.png."""
     image = np.asarray(Image.open(png).convert("RGB")).astype(np.float32) / 255.0
     runs = (image.shape[0] - GAP) // (2 * (TILE + GAP))
     results, truths = [], []
     for k in range(runs):
-        top = GAP + 2 * k * (TILE + GAP)
-        result = image[top : top + TILE, LABEL:]
-        truth = image[top + TILE + GAP : top + 2 * TILE + GAP, LABEL:]
+        result, truth = run_tiles(image, k)
         both = (truth < 0.93).any(-1) & (result < 0.93).any(-1)
         results.append(saturation(result)[both].mean())
         truths.append(saturation(truth)[both].mean())

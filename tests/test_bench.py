@@ -685,10 +685,13 @@ def test_prior_bench_negates_the_other_views_only_when_asked(tmp_path):
     prior = _tiny_builtin(2)
     kwargs = {"samples_per": 1, "steps": 2, "ceiling": False, "reference_azimuths": 4,
               "reference_elevations": (15.0,), "reference_distances": (2.4,)}
-    plain = run_prior_bench(prior, ["a snowman"], out_dir=tmp_path / "a", **kwargs)
-    negated = run_prior_bench(prior, ["a snowman"], out_dir=tmp_path / "b", other_view_scale=1.0, **kwargs)
+    plain = run_prior_bench(prior, ["a snowman", "a red cube"], out_dir=tmp_path / "a", **kwargs)
+    negated = run_prior_bench(prior, ["a snowman", "a red cube"], out_dir=tmp_path / "b", other_view_scale=1.0, **kwargs)
     assert "other-view negation 1" in (tmp_path / "b" / "prior_bench.md").read_text()
-    assert len(plain.rows) == len(negated.rows) == 3  # front, side, back
+    assert len(plain.rows) == len(negated.rows) == 4  # snowman front, side, back; the cube
+    # the snowman's three view samples change; the cube (no front, no view words) does not
+    assert not torch.allclose(plain.images[:3], negated.images[:3])
+    assert torch.equal(plain.images[3:], negated.images[3:])
     with pytest.raises(ValueError, match="other-view scale"):
         run_prior_bench(prior, ["a snowman"], out_dir=tmp_path / "c", other_view_scale=-1.0, **kwargs)
     with pytest.raises(ValueError, match="two view words"):

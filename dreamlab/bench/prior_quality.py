@@ -537,12 +537,12 @@ def run_prior_bench(
     per_condition: list[Tensor] = []
     for cond in conditions:
         generator = torch.Generator().manual_seed(condition_seed(seed, cond.text))
+        negate = other_view_scale > 0 and cond.view is not None
+        others = [view_prompt(cond.prompt, v) for v in views if v != cond.view] if negate else None
         chunks = []
         for lo in range(0, samples_per, batch_size):
             n = min(batch_size, samples_per - lo)
             texts = [cond.text] * n
-            negate = other_view_scale > 0 and cond.view is not None
-            others = [view_prompt(cond.prompt, v) for v in views if v != cond.view] if negate else None
             chunks.append(
                 ddim_sample(
                     prior,
