@@ -116,6 +116,11 @@ class TrainBuiltinArgs:
     """Seeds the world's views, the initial weights and every batch."""
     num_views: int | None = None
     """Size of the rendered view cache (default: the world's own)."""
+    view_word_probability: float | None = None
+    """Probability that a caption names its view (default: the world's own, 0.5)."""
+    fronted_view_word_probability: tuple[float, float] | None = None
+    """For objects with a front: the view-word probability of front views and of other views,
+    replacing --view-word-probability for them (default: the world's own; docs/world.md)."""
     view_caption_loss_weight: float = 2.0
     """Loss weight of captions that name a view of an object with a front (1 = plain mean). The
     shipped v4 weights used 2; v2, trained at 1, did not learn the view words, and 4 (v3) cost
@@ -395,8 +400,12 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
     from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
 
     cfg = BuiltinTrainConfig(steps=args.steps, seed=args.seed, view_caption_loss_weight=args.view_caption_loss_weight)
-    if args.num_views is not None:
-        cfg.data = dataclasses.replace(cfg.data, num_views=args.num_views)
+    data_overrides = {
+        name: getattr(args, name)
+        for name in ("num_views", "view_word_probability", "fronted_view_word_probability")
+        if getattr(args, name) is not None
+    }
+    cfg.data = dataclasses.replace(cfg.data, **data_overrides)
     try:
         cfg.validate()
     except ValueError as err:

@@ -183,6 +183,17 @@ def test_both_trainer_configs_refuse_impossible_schedules(bad):
             dataclasses.replace(config_type(), **bad).validate()
 
 
+def test_train_builtin_refuses_impossible_caption_rates_before_rendering(tmp_path, capsys):
+    from dreamlab.cli import main
+
+    work = tmp_path / "work"
+    code = main(["prior", "train-builtin", "--fronted-view-word-probability", "0.3", "1.5",
+                 "--work-dir", str(work), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "fronted_view_word_probability must be (front views, other views)" in capsys.readouterr().err
+    assert not work.exists() or not any(work.iterdir())
+
+
 def test_view_caption_loss_weight_applies_only_to_view_words_of_objects_with_a_front():
     from dreamlab.priors.train_builtin import BuiltinTrainConfig, caption_loss_weights
     from dreamlab.types import VIEW_NAMES

@@ -249,6 +249,29 @@ def test_captions_carry_the_view_word_of_their_camera():
     assert not any("view" in c for c in captions)
 
 
+def test_objects_with_a_front_name_unusual_views_more_often():
+    """fronted_view_word_probability: a house's front views never carry the word at (0, 1), its
+    side and back views always do, and a cube keeps view_word_probability."""
+    elevations, azimuths = [10.0, 10.0, 10.0, 20.0], [0.0, 90.0, 180.0, -30.0]
+    cfg = _tiny_config(view_word_probability=0.0, fronted_view_word_probability=(0.0, 1.0))
+    house = sample_batch_detailed(_fixed_cache(elevations, azimuths, "house"), cfg, 64, torch.Generator().manual_seed(0))
+    for cap, row in zip(house.captions, house.index.tolist()):
+        if azimuths[row] in (0.0, -30.0):
+            assert "view" not in cap, cap
+        else:
+            assert cap.endswith(", side view" if azimuths[row] == 90.0 else ", back view"), cap
+    cube = sample_batch(_fixed_cache(elevations, azimuths, "cube"), cfg, 64, torch.Generator().manual_seed(0))[1]
+    assert not any("view" in c for c in cube)
+    # equal rates are the plain knob: same random draws, same captions
+    cache = _fixed_cache(elevations, azimuths, "snowman")
+    same = sample_batch(cache, _tiny_config(fronted_view_word_probability=(0.5, 0.5)), 64, torch.Generator().manual_seed(2))
+    plain = sample_batch(cache, _tiny_config(), 64, torch.Generator().manual_seed(2))
+    assert same[1] == plain[1] and torch.equal(same[0], plain[0])
+    assert sum("view" in c for c in plain[1]) not in (0, 64)
+    with pytest.raises(ValueError, match="fronted_view_word_probability"):
+        _tiny_config(fronted_view_word_probability=(0.3, 1.2)).validate()
+
+
 def test_cache_is_deterministic_and_round_trips(tmp_path):
     cfg = _tiny_config()
     a = build_world_cache(cfg)

@@ -87,6 +87,7 @@ class BuiltinTrainConfig:
             raise ValueError("ema_decay must lie in [0, 1)")
         if not self.view_caption_loss_weight > 0.0:
             raise ValueError("view_caption_loss_weight must be > 0")
+        self.data.validate()
 
 
 def validate_training_schedule(cfg) -> None:
