@@ -118,9 +118,10 @@ class TrainBuiltinArgs:
     """Size of the rendered view cache (default: the world's own)."""
     view_word_probability: float | None = None
     """Probability that a caption names its view (default: the world's own, 0.5)."""
-    fronted_view_word_probability: tuple[float, float] | None = None
+    fronted_view_word_probability: tuple[float, float] | None = (0.3, 0.9)
     """For objects with a front: the view-word probability of front views and of other views,
-    replacing --view-word-probability for them (default: the world's own; docs/world.md)."""
+    replacing --view-word-probability for them (the world's default, used by the shipped v5
+    weights; None: --view-word-probability for every view, as v4; docs/world.md)."""
     view_caption_loss_weight: float = 2.0
     """Loss weight of captions that name a view of an object with a front (1 = plain mean). The
     shipped v4 weights used 2; v2, trained at 1, did not learn the view words, and 4 (v3) cost
@@ -401,11 +402,11 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
 
     cfg = BuiltinTrainConfig(steps=args.steps, seed=args.seed, view_caption_loss_weight=args.view_caption_loss_weight)
     data_overrides = {
-        name: getattr(args, name)
-        for name in ("num_views", "view_word_probability", "fronted_view_word_probability")
-        if getattr(args, name) is not None
+        name: getattr(args, name) for name in ("num_views", "view_word_probability") if getattr(args, name) is not None
     }
-    cfg.data = dataclasses.replace(cfg.data, **data_overrides)
+    cfg.data = dataclasses.replace(
+        cfg.data, fronted_view_word_probability=args.fronted_view_word_probability, **data_overrides
+    )
     try:
         cfg.validate()
     except ValueError as err:

@@ -349,6 +349,7 @@ def test_expected_genus_matches_the_world(shape):
         threshold=0.5,
         solidify=False,  # the exact SDF's own topology, not the export's clean-up
         min_component_fraction=0.0,
+        min_component_volume_fraction=0.0,
         faces=10**6,
         tighten_bbox=False,
         bbox_min=(-0.75,) * 3,

@@ -194,6 +194,18 @@ def test_train_builtin_refuses_impossible_caption_rates_before_rendering(tmp_pat
     assert not work.exists() or not any(work.iterdir())
 
 
+def test_train_builtin_defaults_are_the_worlds():
+    """The CLI's caption-rate default is the world's (the shipped recipe); None turns it off."""
+    import tyro
+
+    from dreamlab.cli import TrainBuiltinArgs
+    from dreamlab.world.dataset import WorldDataConfig
+
+    assert TrainBuiltinArgs().fronted_view_word_probability == WorldDataConfig().fronted_view_word_probability
+    off = tyro.cli(TrainBuiltinArgs, args=["--fronted-view-word-probability", "None"])
+    assert off.fronted_view_word_probability is None
+
+
 def test_view_caption_loss_weight_applies_only_to_view_words_of_objects_with_a_front():
     from dreamlab.priors.train_builtin import BuiltinTrainConfig, caption_loss_weights
     from dreamlab.types import VIEW_NAMES

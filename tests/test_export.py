@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pygltflib
 import pytest
@@ -174,9 +176,37 @@ def test_floaters_are_dropped():
     kept = extract_mesh(r.density, None, MeshExportConfig(resolution=64, faces=3000))
     assert len(kept.mesh.split(only_watertight=False)) == 1
     both = extract_mesh(
-        r.density, None, MeshExportConfig(resolution=64, faces=3000, min_component_fraction=0.0)
+        r.density,
+        None,
+        MeshExportConfig(resolution=64, faces=3000, min_component_fraction=0.0, min_component_volume_fraction=0.0),
     )
     assert len(both.mesh.split(only_watertight=False)) == 2
+
+
+def test_thin_detached_pillars_are_dropped_but_a_second_body_is_kept():
+    """The volume rule: a thin pillar (like the one SDS can leave in a torus's hole) has too many
+    faces for the face rule but almost no volume; a detached head-sized body stays."""
+
+    class BodyHeadPillar(FakeFieldRenderer):
+        def sdf(self, xyz):
+            body = torch.linalg.norm(xyz - torch.tensor([0.0, -0.2, 0.0]), dim=-1) - 0.3
+            head = torch.linalg.norm(xyz - torch.tensor([0.0, 0.35, 0.0]), dim=-1) - 0.15
+            radial = torch.linalg.norm(xyz[:, [0, 2]] - torch.tensor([0.6, 0.0]), dim=-1) - 0.03
+            pillar = torch.maximum(radial, xyz[:, 1].abs() - 0.35)
+            return torch.minimum(torch.minimum(body, head), pillar)
+
+    r = BodyHeadPillar("torus")
+    cfg = MeshExportConfig(resolution=96, faces=6000, solidify=False)
+    parts = extract_mesh(r.density, None, cfg).mesh.split(only_watertight=False)
+    assert len(parts) == 2
+    assert all(p.bounds[1][0] < 0.45 for p in parts)  # the pillar at x = 0.6 is gone
+    everything = extract_mesh(r.density, None, dataclasses.replace(cfg, min_component_volume_fraction=0.0))
+    pieces = everything.mesh.split(only_watertight=False)
+    assert len(pieces) == 3
+    pillar = max(pieces, key=lambda p: p.bounds[1][0])
+    assert len(pillar.faces) >= 0.02 * max(len(p.faces) for p in pieces)  # the face rule alone keeps it
+    with pytest.raises(ValueError, match="min_component_volume_fraction"):
+        MeshExportConfig(min_component_volume_fraction=1.5).validate()
 
 
 def test_empty_density_gives_a_clear_error():
@@ -458,7 +488,8 @@ def _spongy_ball(xyz: torch.Tensor) -> torch.Tensor:
 def test_solidify_seals_tunnels_and_cavities_of_a_spongy_density():
     cfg = MeshExportConfig(resolution=96, faces=6000)
     raw = extract_mesh(_spongy_ball, None, MeshExportConfig(resolution=96, faces=6000, solidify=False,
-                                                             min_component_fraction=0.0))
+                                                             min_component_fraction=0.0,
+                                                             min_component_volume_fraction=0.0))
     components, euler, _ = _topology(raw.mesh)
     assert (2 * components - euler) // 2 >= 3  # the raw isosurface keeps the tunnels (and the cavity)
     solid = extract_mesh(_spongy_ball, None, cfg)

@@ -481,7 +481,7 @@ def run_prior_bench(
     reference_elevations: Sequence[float] = REFERENCE_ELEVATIONS,
     reference_distances: Sequence[float] = REFERENCE_DISTANCES,
     ceiling: bool = True,
-    view_guidance_scale: float = 6.0,
+    view_guidance_scale: float = 3.0,
     other_view_scale: float = 0.0,
 ) -> PriorBenchResult:
     """Samples the prior for every prompt (× view word) and scores the samples (module docstring).

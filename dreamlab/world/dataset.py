@@ -111,14 +111,16 @@ class WorldDataConfig:
     view_word_probability: float = 0.5
     """Probability that a caption ends with its view phrase (", front view", ...). Real captions
     rarely say where the camera is; 1.0 gives an exact view word on every image."""
-    fronted_view_word_probability: tuple[float, float] | None = None
+    fronted_view_word_probability: tuple[float, float] | None = (0.3, 0.9)
     """For objects with a front: (probability for a view whose word is "front", probability for
     any other view), replacing view_word_probability for them; primitives keep
     view_word_probability. Real captions name the view mostly when it is not the usual one ("the
     back of a house"), rarely when it is the front everyone photographs. None = every view of every
-    object uses view_word_probability. With the default front bias, (0.3, 0.9) keeps the share
-    of captioned views of these objects near one half while side and back views carry their word
-    1.8 times as often; uncaptioned views become more front-heavy (94 % instead of 70 %)."""
+    object uses view_word_probability (the v4 weights' data). With the default front bias,
+    (0.3, 0.9) keeps the share of captioned views of these objects near one half while side and
+    back views carry their word 1.8 times as often; uncaptioned views become more front-heavy
+    (94 % instead of 70 %). The shipped v5 weights use (0.3, 0.9): their SDS results show the
+    front on the back less often than v4's (docs/builtin-prior.md)."""
     view_word_noise: float = 0.0
     """Probability that a carried view word is replaced by another of front/side/back (real view
     words are unreliable)."""
