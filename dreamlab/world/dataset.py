@@ -320,6 +320,11 @@ def sample_lights(cfg: WorldDataConfig, cams: Cameras, generator: torch.Generato
     return light_from_angles(azimuth, elevation)
 
 
+def _has_front_mask(shape_index: Tensor) -> Tensor:
+    """Per entry of ``shape_index`` (indices into SHAPES): whether that object has a front."""
+    return torch.tensor([has_front(s) for s in SHAPES])[shape_index]
+
+
 def _shape_counts(cfg: WorldDataConfig) -> list[int]:
     """Views per shape (SHAPES order): composite_fraction for the composites, split evenly."""
     n_comp = round(cfg.num_views * cfg.composite_fraction)
@@ -351,7 +356,7 @@ def build_world_cache(
     fov = _uniform(*cfg.fov_y_deg, n, gen)
     azimuth = _uniform(-180.0, 180.0, n, gen)
     front_azimuth = _uniform(-cfg.front_sector_deg, cfg.front_sector_deg, n, gen)
-    fronted = torch.tensor([has_front(s) for s in SHAPES])[shape_index]
+    fronted = _has_front_mask(shape_index)
     biased = fronted & (torch.rand(n, generator=gen) < cfg.front_bias)
     azimuth = wrap_azimuth(torch.where(biased, front_azimuth, azimuth))
 
@@ -494,7 +499,7 @@ def _sample_batch_detailed(
     if cfg.fronted_view_word_probability is not None:
         p_front, p_other = (float(v) for v in cfg.fronted_view_word_probability)
         p_fronted = torch.where(view == VIEW_NAMES.index("front"), p_front, p_other)
-        fronted = torch.tensor([has_front(s) for s in SHAPES])[shape]
+        fronted = _has_front_mask(shape)
         p_view_word = torch.where(fronted, p_fronted, p_view_word)
     carry = torch.rand(b, generator=generator) < p_view_word
     noisy = torch.rand(b, generator=generator) < cfg.view_word_noise
