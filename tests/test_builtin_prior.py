@@ -192,6 +192,10 @@ def test_train_builtin_refuses_impossible_caption_rates_before_rendering(tmp_pat
     assert code == 2
     assert "fronted_view_word_probability must be (front views, other views)" in capsys.readouterr().err
     assert not work.exists() or not any(work.iterdir())
+    code = main(["prior", "train-builtin", "--view-word-probability", "1.5",
+                 "--work-dir", str(work), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "view_word_probability must lie in [0, 1]" in capsys.readouterr().err
 
 
 def test_train_builtin_defaults_are_the_worlds():
