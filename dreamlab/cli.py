@@ -118,6 +118,9 @@ class TrainBuiltinArgs:
     """Size of the rendered view cache (default: the world's own)."""
     view_word_probability: float | None = None
     """Probability that a caption names its view (default: the world's own, 0.5)."""
+    composite_fraction: float | None = None
+    """Share of the rendered views given to the objects with a front (default: the world's own,
+    0.4; docs/world.md)."""
     fronted_view_word_probability: tuple[float, float] | None = (0.3, 0.9)
     """For objects with a front: the view-word probability of front views and of other views,
     replacing --view-word-probability for them (the world's default, used by the shipped v5
@@ -395,14 +398,14 @@ def _train_and_export(trainer, args, total: int, desc: str, out: Path, what: str
     return 0
 
 
-def train_builtin(args: TrainBuiltinArgs) -> int:
-    from dreamlab.checkpoint import find_latest_checkpoint
-    from dreamlab.priors.builtin import ASSET_DIR
-    from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
+def train_builtin_config(args: TrainBuiltinArgs):
+    """The validated BuiltinTrainConfig for the command's flags (UserError when impossible)."""
+    from dreamlab.priors.train_builtin import BuiltinTrainConfig
 
     cfg = BuiltinTrainConfig(steps=args.steps, seed=args.seed, view_caption_loss_weight=args.view_caption_loss_weight)
     data_overrides = {
-        name: getattr(args, name) for name in ("num_views", "view_word_probability") if getattr(args, name) is not None
+        name: getattr(args, name) for name in ("num_views", "view_word_probability", "composite_fraction")
+        if getattr(args, name) is not None
     }
     cfg.data = dataclasses.replace(
         cfg.data, fronted_view_word_probability=args.fronted_view_word_probability, **data_overrides
@@ -411,6 +414,15 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
         cfg.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
+    return cfg
+
+
+def train_builtin(args: TrainBuiltinArgs) -> int:
+    from dreamlab.checkpoint import find_latest_checkpoint
+    from dreamlab.priors.builtin import ASSET_DIR
+    from dreamlab.priors.train_builtin import BuiltinPriorTrainer
+
+    cfg = train_builtin_config(args)
     _check_writable(args.work_dir)
     out = args.out or ASSET_DIR
     _check_writable(out)

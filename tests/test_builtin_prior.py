@@ -210,6 +210,26 @@ def test_train_builtin_defaults_are_the_worlds():
     assert off.fronted_view_word_probability is None
 
 
+def test_train_builtin_flags_reach_the_training_config():
+    """Each data and loss flag of `dreamlab prior train-builtin` lands in the config the trainer gets;
+    flags left out keep the world's and the trainer's defaults."""
+    import tyro
+
+    from dreamlab.cli import TrainBuiltinArgs, UserError, train_builtin_config
+    from dreamlab.priors.train_builtin import BuiltinTrainConfig
+
+    cfg = train_builtin_config(tyro.cli(TrainBuiltinArgs, args=[
+        "--composite-fraction", "0.55", "--view-word-probability", "0.7", "--num-views", "300",
+        "--view-caption-loss-weight", "2.5", "--steps", "12", "--seed", "4"]))
+    assert (cfg.data.composite_fraction, cfg.data.view_word_probability, cfg.data.num_views) == (0.55, 0.7, 300)
+    assert (cfg.view_caption_loss_weight, cfg.steps, cfg.seed) == (2.5, 12, 4)
+    plain = train_builtin_config(TrainBuiltinArgs())
+    assert plain.data == BuiltinTrainConfig().data
+    assert plain.view_caption_loss_weight == BuiltinTrainConfig().view_caption_loss_weight
+    with pytest.raises(UserError, match="composite_fraction must lie in"):
+        train_builtin_config(TrainBuiltinArgs(composite_fraction=-0.1))
+
+
 def test_view_caption_loss_weight_applies_only_to_view_words_of_objects_with_a_front():
     from dreamlab.priors.train_builtin import BuiltinTrainConfig, caption_loss_weights
     from dreamlab.types import VIEW_NAMES
