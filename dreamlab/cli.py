@@ -120,15 +120,15 @@ class TrainBuiltinArgs:
     """Probability that a caption names its view (default: the world's own, 0.5)."""
     composite_fraction: float | None = None
     """Share of the rendered views given to the objects with a front (default: the world's own,
-    0.4; docs/world.md)."""
+    0.5, used by the shipped v6 weights; v5 used 0.4; docs/world.md)."""
     fronted_view_word_probability: tuple[float, float] | None = (0.3, 0.9)
     """For objects with a front: the view-word probability of front views and of other views,
     replacing --view-word-probability for them (the world's default, used by the shipped v5
     weights; None: --view-word-probability for every view, as v4; docs/world.md)."""
-    view_caption_loss_weight: float = 2.0
+    view_caption_loss_weight: float = 3.0
     """Loss weight of captions that name a view of an object with a front (1 = plain mean). The
-    shipped v4 weights used 2; v2, trained at 1, did not learn the view words, and 4 (v3) cost
-    prompt accuracy (docs/builtin-prior.md)."""
+    shipped v6 weights use 3; v4 and v5 used 2; v2, trained at 1, did not learn the view words
+    (docs/builtin-prior.md)."""
     out: Path | None = None
     """Folder for the trained prior (default: assets/builtin-prior, the shipped default)."""
     work_dir: Path = Path("builtin-prior-work")

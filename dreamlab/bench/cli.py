@@ -30,12 +30,12 @@ class BenchPriorArgs:
     prior: prompt accuracy 0.79 vs 0.74 at 1, 0.78 at 1.4, 0.32 at 2; docs/builtin-prior.md)."""
     stop_at_t: int = 100
     """Return the predicted clean image once the timestep is <= this (0: run every DDIM step)."""
-    view_guidance_scale: float = 3.0
+    view_guidance_scale: float = 1.0
     """Separate guidance weight w for the view phrase of objects with a front:
     ε̂ = ε_∅ + s(ε_y − ε_∅) + w(ε_y − ε_prompt without the view) (composable guidance). 0 = off.
-    Measured on the shipped v5 prior (docs/builtin-prior.md): view accuracy 0.52 / 0.54 / 0.63 /
-    0.60 at w = 0 / 1.5 / 3 / 6, prompt accuracy among the benchmark prompts 0.981 up to w = 3,
-    0.944 at 6 (over-shot shapes)."""
+    Measured on the shipped v6 prior (docs/builtin-prior.md): view accuracy 0.70 / 0.76 / 0.75 /
+    0.63 at w = 0 / 1 / 1.5 / 3, prompt accuracy among the benchmark prompts 0.994 / 0.994 / 0.988
+    / 0.956 (a prior that knows its view words needs less push; v5 was best at w = 3)."""
     other_view_scale: float = 0.0
     """Weight u of a negation of the other view words for objects with a front (composable
     guidance's NOT): ε̂ −= u · mean over the other views v' of (ε_{prompt, v' view} − ε_prompt).

@@ -481,7 +481,7 @@ def run_prior_bench(
     reference_elevations: Sequence[float] = REFERENCE_ELEVATIONS,
     reference_distances: Sequence[float] = REFERENCE_DISTANCES,
     ceiling: bool = True,
-    view_guidance_scale: float = 3.0,
+    view_guidance_scale: float = 1.0,
     other_view_scale: float = 0.0,
 ) -> PriorBenchResult:
     """Samples the prior for every prompt (× view word) and scores the samples (module docstring).
@@ -504,8 +504,8 @@ def run_prior_bench(
         reference_distances: camera distances of the reference ring.
         ceiling: also score ``samples_per`` ground-truth renders per condition (the ceiling).
         view_guidance_scale: w of the sampler's separate guidance term for the view phrase
-            (``ddim_sample``; the base prompt is the benchmark prompt without it). 0 = off; 6 was
-            measured best for view accuracy on the shipped prior (docs/builtin-prior.md).
+            (``ddim_sample``; the base prompt is the benchmark prompt without it). 0 = off; 1 was
+            measured best for view accuracy on the shipped v6 prior (docs/builtin-prior.md).
         other_view_scale: u of the sampler's negation of the other view words (``ddim_sample``:
             the other entries of ``views``, relative to the prompt without a view). 0 = off.
     """

@@ -66,14 +66,15 @@ class BuiltinTrainConfig:
     Weighting Strategy"): each sample's ε loss is scaled by min(SNR(t), γ) / SNR(t), which stops the
     easy low-noise steps from dominating and speeds convergence at the high-noise steps where shape
     and layout are decided. None = plain ε-MSE."""
-    view_caption_loss_weight: float = 2.0
+    view_caption_loss_weight: float = 3.0
     """Loss weight of a sample whose caption carries a view word for an object with a front
     ("a snowman, back view"); every other sample weighs 1, and the batch loss is the weighted
     mean. The weight depends on the caption alone, so for every caption the optimum is still that
     caption's conditional mean (the data's front bias, which Janus needs, is untouched): it only
     spends more of each step on the view words, which the v2 weights (weight 1) had not learned
-    (samples followed "back view" about as often as chance; docs/builtin-prior.md). The shipped v4
-    weights use 2: prompt and view accuracy both rose over weight 1, where 4 lost prompt accuracy."""
+    (samples followed "back view" about as often as chance; docs/builtin-prior.md). v4 and v5
+    used 2 (prompt and view accuracy both rose over weight 1, where 4 lost prompt accuracy on v2's
+    data); the shipped v6 weights use 3, with composite_fraction 0.5."""
     seed: int = 0
     checkpoint_every: int = 250
     data: WorldDataConfig = field(default_factory=WorldDataConfig)

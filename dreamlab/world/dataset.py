@@ -97,9 +97,10 @@ class WorldDataConfig:
     """Rays per pixel side: views are traced at k x resolution and averaged (anti-aliasing)."""
     num_views: int = 24000
     """Size of the cache: (shape, camera, light) triples rendered once."""
-    composite_fraction: float = 0.4
+    composite_fraction: float = 0.5
     """Share of the cache given to the composites (objects with a front), split evenly among them;
-    the rest is split evenly among the primitives."""
+    the rest is split evenly among the primitives. The shipped v6 weights use 0.5 (v5 and earlier
+    0.4): more views of the composites, whose view words are the hard part to learn."""
     front_bias: float = 0.6
     """For objects with a front: the fraction of views drawn from the front sector
     (|azimuth| < front_sector_deg); the rest are uniform over the full circle, so the front sector
