@@ -123,7 +123,7 @@ class TrainBuiltinArgs:
     0.5, used by the shipped v6 weights; v5 used 0.4; docs/world.md)."""
     fronted_view_word_probability: tuple[float, float] | None = (0.3, 0.9)
     """For objects with a front: the view-word probability of front views and of other views,
-    replacing --view-word-probability for them (the world's default, used by the shipped v5
+    replacing --view-word-probability for them (the world's default, used by the v5 and the shipped v6
     weights; None: --view-word-probability for every view, as v4; docs/world.md)."""
     view_caption_loss_weight: float = 3.0
     """Loss weight of captions that name a view of an object with a front (1 = plain mean). The

@@ -120,7 +120,7 @@ class WorldDataConfig:
     object uses view_word_probability (the v4 weights' data). With the default front bias,
     (0.3, 0.9) keeps the share of captioned views of these objects near one half while side and
     back views carry their word 1.8 times as often; uncaptioned views become more front-heavy
-    (94 % instead of 70 %). The shipped v5 weights use (0.3, 0.9): their SDS results show the
+    (94 % instead of 70 %). v5 and the shipped v6 weights use (0.3, 0.9): v5's SDS results show the
     front on the back less often than v4's (docs/builtin-prior.md)."""
     view_word_noise: float = 0.0
     """Probability that a carried view word is replaced by another of front/side/back (real view
