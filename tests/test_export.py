@@ -209,6 +209,34 @@ def test_thin_detached_pillars_are_dropped_but_a_second_body_is_kept():
         MeshExportConfig(min_component_volume_fraction=1.5).validate()
 
 
+def test_volume_rule_drops_closed_parts_under_five_percent_of_the_largest():
+    """The default volume rule at its edge: a closed part holding 4.4 % of the main body's volume
+    (the v6 torus's pillar, docs/export.md) goes; one holding 6 % stays."""
+    from dreamlab.export.mesh import _remove_floaters
+
+    body = trimesh.creation.icosphere(subdivisions=4, radius=1.0)
+    height = 1.0
+
+    def column(volume_fraction: float, x: float) -> trimesh.Trimesh:
+        radius = float(np.sqrt(volume_fraction * body.volume / (np.pi * height)))
+        part = trimesh.creation.cylinder(radius=radius, height=height, sections=64)
+        part.apply_translation([x, 0.0, 0.0])
+        return part
+
+    small, large = column(0.044, 3.0), column(0.06, -3.0)
+    assert small.is_watertight and large.is_watertight
+    # Every part has enough faces that the face rule alone keeps them all.
+    scene = trimesh.util.concatenate([body, small, large])
+    face_fraction = min(len(small.faces), len(large.faces)) / len(body.faces)
+    assert len(_remove_floaters(scene, face_fraction, 0.0).split(only_watertight=False)) == 3
+
+    kept = _remove_floaters(scene, face_fraction, MeshExportConfig().min_component_volume_fraction)
+    parts = kept.split(only_watertight=False)
+    assert len(parts) == 2
+    assert all(p.bounds[0][0] < 2.0 for p in parts)  # the 4.4 % column at x = 3 is gone
+    assert any(p.bounds[1][0] < -2.0 for p in parts)  # the 6 % column at x = -3 stays
+
+
 def test_empty_density_gives_a_clear_error():
     r = FakeFieldRenderer("empty")
     with pytest.raises(ValueError, match="nothing to mesh"):
