@@ -129,6 +129,10 @@ class TrainBuiltinArgs:
     """Loss weight of captions that name a view of an object with a front (1 = plain mean). The
     shipped v6 weights use 3; v4 and v5 used 2; v2, trained at 1, did not learn the view words
     (docs/builtin-prior.md)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of training: bf16 autocast ran a step 1.15x faster on a CPU with native bf16
+    (AVX512-BF16/AMX), is emulated and slow elsewhere, and its effect on quality is not measured
+    yet; the shipped weights are fp32 (docs/benchmarks.md)."""
     out: Path | None = None
     """Folder for the trained prior (default: assets/builtin-prior, the shipped default)."""
     work_dir: Path = Path("builtin-prior-work")
@@ -402,7 +406,8 @@ def train_builtin_config(args: TrainBuiltinArgs):
     """The validated BuiltinTrainConfig for the command's flags (UserError when impossible)."""
     from dreamlab.priors.train_builtin import BuiltinTrainConfig
 
-    cfg = BuiltinTrainConfig(steps=args.steps, seed=args.seed, view_caption_loss_weight=args.view_caption_loss_weight)
+    cfg = BuiltinTrainConfig(steps=args.steps, seed=args.seed, view_caption_loss_weight=args.view_caption_loss_weight,
+                             precision=args.precision)
     data_overrides = {
         name: getattr(args, name) for name in ("num_views", "view_word_probability", "composite_fraction")
         if getattr(args, name) is not None
@@ -420,9 +425,12 @@ def train_builtin_config(args: TrainBuiltinArgs):
 def train_builtin(args: TrainBuiltinArgs) -> int:
     from dreamlab.checkpoint import find_latest_checkpoint
     from dreamlab.priors.builtin import ASSET_DIR
-    from dreamlab.priors.train_builtin import BuiltinPriorTrainer
+    from dreamlab.priors.train_builtin import BuiltinPriorTrainer, cpu_has_native_bf16
 
     cfg = train_builtin_config(args)
+    if cfg.precision == "bf16" and not cpu_has_native_bf16():
+        _say("dreamlab: warning: this CPU has no native bf16 (AVX512-BF16 or AMX); --precision bf16 "
+             "will be emulated and slower than fp32")
     _check_writable(args.work_dir)
     out = args.out or ASSET_DIR
     _check_writable(out)

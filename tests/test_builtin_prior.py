@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -166,6 +168,42 @@ def test_prior_training_resumes_and_refuses_a_corrupt_checkpoint(tmp_path):
         BuiltinPriorTrainer(cfg, tmp_path).resume()
 
 
+def test_bf16_training_computes_in_bfloat16_and_keeps_fp32_weights(tmp_path):
+    """--precision bf16: the UNet's convolutions run in bfloat16, the weights stay fp32, and the
+    first step's loss on the same batch agrees with fp32's to bf16's precision."""
+    from dreamlab.priors.train_builtin import BuiltinPriorTrainer, BuiltinTrainConfig
+    from dreamlab.world.dataset import WorldDataConfig, load_or_build_world_cache
+
+    data = WorldDataConfig(num_views=16)
+    cache = load_or_build_world_cache(data, tmp_path)
+    losses, conv_dtypes = {}, {}
+    for precision in ("fp32", "bf16"):
+        cfg = BuiltinTrainConfig(steps=3, batch_size=8, data=data, precision=precision)
+        trainer = BuiltinPriorTrainer(cfg, tmp_path / precision, cache=cache)
+        seen = []
+        trainer.unet.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        losses[precision] = trainer.train_step().loss
+        conv_dtypes[precision] = seen[0]
+        assert all(p.dtype == torch.float32 for p in trainer.unet.parameters())
+        assert all(p.dtype == torch.float32 for p in trainer.ema_unet.parameters())
+    assert conv_dtypes == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    assert math.isfinite(losses["bf16"])
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_train_builtin_bf16_warns_on_a_cpu_without_native_bf16_and_records_it(tmp_path, capsys, monkeypatch):
+    from dreamlab.cli import main
+    from dreamlab.priors import train_builtin
+
+    monkeypatch.setattr(train_builtin, "cpu_has_native_bf16", lambda: False)
+    out = tmp_path / "out"
+    code = main(["prior", "train-builtin", "--precision", "bf16", "--steps", "1", "--num-views", "16",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--quiet"])
+    assert code == 0
+    assert "no native bf16" in capsys.readouterr().err
+    assert "arithmetic bf16" in (out / "model_card.md").read_text()
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"steps": 0}, {"batch_size": 0}, {"learning_rate": 0.0}, {"min_snr_gamma": 0.0}, {"min_snr_gamma": -1.0}],
@@ -220,12 +258,15 @@ def test_train_builtin_flags_reach_the_training_config():
 
     cfg = train_builtin_config(tyro.cli(TrainBuiltinArgs, args=[
         "--composite-fraction", "0.55", "--view-word-probability", "0.7", "--num-views", "300",
-        "--view-caption-loss-weight", "2.5", "--steps", "12", "--seed", "4"]))
+        "--view-caption-loss-weight", "2.5", "--steps", "12", "--seed", "4", "--precision", "bf16"]))
     assert (cfg.data.composite_fraction, cfg.data.view_word_probability, cfg.data.num_views) == (0.55, 0.7, 300)
-    assert (cfg.view_caption_loss_weight, cfg.steps, cfg.seed) == (2.5, 12, 4)
+    assert (cfg.view_caption_loss_weight, cfg.steps, cfg.seed, cfg.precision) == (2.5, 12, 4, "bf16")
     plain = train_builtin_config(TrainBuiltinArgs())
     assert plain.data == BuiltinTrainConfig().data
     assert plain.view_caption_loss_weight == BuiltinTrainConfig().view_caption_loss_weight
+    assert plain.precision == BuiltinTrainConfig().precision == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        BuiltinTrainConfig(precision="fp16").validate()
     with pytest.raises(UserError, match="composite_fraction must lie in"):
         train_builtin_config(TrainBuiltinArgs(composite_fraction=-0.1))
 
