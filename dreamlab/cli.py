@@ -131,8 +131,8 @@ class TrainBuiltinArgs:
     (docs/builtin-prior.md)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Arithmetic of training: bf16 autocast ran a step 1.15x faster on a CPU with native bf16
-    (AVX512-BF16/AMX), is emulated and slow elsewhere, and its effect on quality is not measured
-    yet; the shipped weights are fp32 (docs/benchmarks.md)."""
+    (AVX512-BF16/AMX) and matched fp32's loss over 600 steps; it is emulated and slow elsewhere, and
+    a bf16 prior's sample quality is not measured yet; the shipped weights are fp32 (docs/benchmarks.md)."""
     out: Path | None = None
     """Folder for the trained prior (default: assets/builtin-prior, the shipped default)."""
     work_dir: Path = Path("builtin-prior-work")
