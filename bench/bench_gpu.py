@@ -13,6 +13,10 @@ name from nvidia-smi:
 * ``sds``, ``vsd``: one guidance step (encode, noise, CFG UNet passes, VSD's LoRA step, backward
   to the render) on a 512² render with an SD 2.1-base-architecture UNet + VAE built from config
   with random weights, fp16 on CUDA (bench/bench_sds_step.py builds them).
+* ``prior``: training steps of the builtin prior (``dreamlab prior train-builtin``'s trainer,
+  default network and batch 32) on the device, fp32 and bf16 autocast: median step time and the
+  projected time of the default 6,500 steps, plus the first step's loss against the CPU's on the
+  same batch and initial weights (how far the device's arithmetic drifts).
 * ``generate``: ``python -m dreamlab generate "a red cube" --device cuda`` with the builtin prior
   and default settings, wall time including export.
 
@@ -42,7 +46,7 @@ if str(REPO) not in sys.path:
 
 import torch
 
-SECTIONS = ("raster", "sds", "vsd", "generate")
+SECTIONS = ("raster", "sds", "vsd", "prior", "generate")
 BACKENDS = ("cuda", "gsplat", "torch")
 
 
@@ -313,6 +317,55 @@ def bench_guidance(args: argparse.Namespace, methods: list[str]) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- prior training
+
+
+def bench_prior_training(args: argparse.Namespace) -> list[str]:
+    from dreamlab.priors.train_builtin import (
+        BuiltinPriorTrainer,
+        BuiltinTrainConfig,
+        autocast_supported,
+        cpu_has_native_bf16,
+    )
+    from dreamlab.world.dataset import WorldDataConfig, load_or_build_world_cache
+
+    device = torch.device(args.device)
+    steps = 2 if args.quick else 40
+    batch = 8 if args.quick else 32
+    data = WorldDataConfig(num_views=64 if args.quick else 2000)  # a step's cost does not depend on it
+    lines = [
+        f"Trainer of `dreamlab prior train-builtin`, default network, batch {batch}, {data.num_views}-view "
+        f"cache; median of {steps} steps after 3 warm-up steps. 'first-step loss vs CPU': the same "
+        "batch and initial weights on the CPU in fp32.",
+        "",
+        "| arithmetic | median s / step | 6,500 steps (min) | first-step loss | vs CPU |",
+        "|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = load_or_build_world_cache(data, Path(tmp) / "cache")
+        cpu_cfg = BuiltinTrainConfig(steps=6500, batch_size=batch, data=data)
+        cpu_loss = BuiltinPriorTrainer(cpu_cfg, Path(tmp) / "cpu", cache=cache).train_step().loss
+        for precision in ("fp32", "bf16"):
+            reason = autocast_supported(precision, device)
+            if reason is None and precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+                reason = "this CPU has no native bf16"
+            if reason is not None:
+                lines.append(f"| {precision} | skipped: {reason} | | | |")
+                continue
+            cfg = BuiltinTrainConfig(steps=6500, batch_size=batch, data=data, precision=precision)
+            trainer = BuiltinPriorTrainer(cfg, Path(tmp) / precision, cache=cache, device=device)
+            first = trainer.train_step().loss
+            for _ in range(2):
+                trainer.train_step()
+            median, _ = time_ms(trainer.train_step, args.device, steps, warmup=0)
+            lines.append(
+                f"| {precision} | {median / 1000:.4f} | {6500 * median / 60000:.1f} | {first:.5f} | "
+                f"{(first - cpu_loss) / cpu_loss:+.2%} |"
+            )
+            print(lines[-1], flush=True)
+    return lines
+
+
 # ----------------------------------------------------------------------------- full run
 
 
@@ -383,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         if section == "vsd" and "sds" in args.sections:
             continue  # measured together with sds (one prior build)
         title = {"raster": "Rasterizer", "sds": "Guidance steps", "vsd": "Guidance steps",
-                 "generate": "Full run (builtin prior, defaults)"}[section]  # fmt: skip
+                 "prior": "Builtin prior training", "generate": "Full run (builtin prior, defaults)"}[section]  # fmt: skip
         if over_budget():
             report.add(title, [f"skipped: time budget of {args.budget_s:.0f} s used up"])
             continue
@@ -393,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                 lines = bench_raster(args)
             elif section in ("sds", "vsd"):
                 lines = bench_guidance(args, guidance)
+            elif section == "prior":
+                lines = bench_prior_training(args)
             else:
                 lines = bench_generate(args)
         except Exception as exc:  # noqa: BLE001 - a failing section must not lose the others' results

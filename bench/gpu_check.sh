@@ -8,6 +8,7 @@
 #      tests/test_nerf_backends.py: its tiny-cuda-nn / nerfacc tests skip unless those are installed);
 #   5. runs bench/bench_gpu.py: rasterizer backends at 512² / 1024² x 100k / 500k / 1M Gaussians,
 #      one SDS and one VSD step with an SD 2.1-base-architecture UNet + VAE (random fp16 weights),
+#      builtin-prior training steps (fp32 / bf16, first-step loss against the CPU's)
 #      and a full default `dreamlab generate "a red cube" --device cuda` run;
 # and writes gpu_report.md (card name from nvidia-smi, tables, build and test results) plus logs
 # to $OUT (or bench-results/gpu-check-<time>).

@@ -133,6 +133,9 @@ class TrainBuiltinArgs:
     """Arithmetic of training: bf16 autocast ran a step 1.15x faster on a CPU with native bf16
     (AVX512-BF16/AMX) and matched fp32's loss over 600 steps; it is emulated and slow elsewhere, and
     a bf16 prior's sample quality is not measured yet; the shipped weights are fp32 (docs/benchmarks.md)."""
+    device: str = "auto"
+    """auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N. The data is drawn on
+    the CPU either way, so a seed gives the same batches on both."""
     out: Path | None = None
     """Folder for the trained prior (default: assets/builtin-prior, the shipped default)."""
     work_dir: Path = Path("builtin-prior-work")
@@ -160,6 +163,8 @@ class TrainImageAdapterArgs:
     (default: the shipped assets/builtin-prior)."""
     work_dir: Path = Path("builtin-prior-work")
     """Folder for the view cache (shared with train-builtin) and the adapter's checkpoints."""
+    device: str = "auto"
+    """auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."""
     resume: bool = False
     """Continue from the newest adapter checkpoint in --work-dir."""
     quiet: bool = False
@@ -422,13 +427,26 @@ def train_builtin_config(args: TrainBuiltinArgs):
     return cfg
 
 
+def _training_device(name: str):
+    """The torch device for --device (UserError when it is unknown or absent)."""
+    from dreamlab.train import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def train_builtin(args: TrainBuiltinArgs) -> int:
     from dreamlab.checkpoint import find_latest_checkpoint
     from dreamlab.priors.builtin import ASSET_DIR
-    from dreamlab.priors.train_builtin import BuiltinPriorTrainer, cpu_has_native_bf16
+    from dreamlab.priors.train_builtin import BuiltinPriorTrainer, autocast_supported, cpu_has_native_bf16
 
     cfg = train_builtin_config(args)
-    if cfg.precision == "bf16" and not cpu_has_native_bf16():
+    device = _training_device(args.device)
+    if (reason := autocast_supported(cfg.precision, device)) is not None:
+        raise UserError(reason)
+    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         _say("dreamlab: warning: this CPU has no native bf16 (AVX512-BF16 or AMX); --precision bf16 "
              "will be emulated and slower than fp32")
     _check_writable(args.work_dir)
@@ -437,7 +455,7 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
     if find_latest_checkpoint(args.work_dir / "checkpoints") is not None and not args.resume:
         raise UserError(f"{args.work_dir} already holds training checkpoints: pass --resume, or use another --work-dir")
     _say("dreamlab: rendering the world's training views (cached in --work-dir)")
-    trainer = BuiltinPriorTrainer(cfg, args.work_dir)
+    trainer = BuiltinPriorTrainer(cfg, args.work_dir, device=device)
     return _train_and_export(trainer, args, cfg.steps, "training prior", out, "builtin prior")
 
 
@@ -453,8 +471,9 @@ def train_image_adapter(args: TrainImageAdapterArgs) -> int:
     except ValueError as err:
         raise UserError(str(err)) from None
     folder = args.prior or ASSET_DIR
+    device = _training_device(args.device)
     try:
-        prior = BuiltinPrior.from_pretrained(folder)
+        prior = BuiltinPrior.from_pretrained(folder, device=device)
     except PriorLoadError as err:
         raise UserError(str(err)) from None
     _check_writable(args.work_dir)

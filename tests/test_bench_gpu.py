@@ -31,7 +31,7 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
     assert bench_gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "gpu_report.md").read_text()
     assert report.startswith("# dreamlab GPU check: CPU")
-    for title in ("## Rasterizer", "## Guidance steps", "## Full run"):
+    for title in ("## Rasterizer", "## Guidance steps", "## Builtin prior training", "## Full run"):
         assert title in report
     rows = [line for line in report.splitlines() if line.startswith("| 32² | 300 |")]
     assert len(rows) == 3
@@ -40,6 +40,8 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
     assert all("needs the Gaussians on a CUDA GPU" in r for r in rows if "| torch |" not in r)
     assert "| SDS |" in report and "| VSD |" in report
     assert "backend 'auto' on cpu -> torch" in report and "failed" not in report
+    fp32_row = next(line for line in report.splitlines() if line.startswith("| fp32 |"))
+    assert fp32_row.endswith("| +0.00% |")  # the CPU against itself: the same batch, the same loss
 
 
 def test_torch_twin_stops_after_a_slow_size(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -201,7 +202,33 @@ def test_train_builtin_bf16_warns_on_a_cpu_without_native_bf16_and_records_it(tm
                  "--work-dir", str(tmp_path / "work"), "--out", str(out), "--quiet"])
     assert code == 0
     assert "no native bf16" in capsys.readouterr().err
-    assert "arithmetic bf16" in (out / "model_card.md").read_text()
+    card = (out / "model_card.md").read_text()
+    assert "arithmetic bf16" in card
+    assert f"on a {len(os.sched_getaffinity(0))}-core CPU" in card
+
+
+@pytest.mark.parametrize("command", ["train-builtin", "train-image-adapter"])
+def test_training_commands_refuse_a_gpu_that_is_not_there(tmp_path, capsys, monkeypatch, command):
+    """--device cuda without a CUDA GPU: one clear line and exit code 2, before any work is done."""
+    from dreamlab.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    work = tmp_path / "work"
+    code = main(["prior", command, "--device", "cuda", "--work-dir", str(work), "--quiet"])
+    assert code == 2
+    assert "no CUDA GPU is available: use --device cpu" in capsys.readouterr().err
+    assert not work.exists()
+
+
+def test_bf16_training_is_refused_on_a_gpu_without_bf16(monkeypatch):
+    from dreamlab.priors.train_builtin import autocast_supported
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    gpu = torch.device("cuda")
+    assert autocast_supported("bf16", gpu) == "this GPU (Tesla T4) has no bf16: use --precision fp32"
+    assert autocast_supported("fp32", gpu) is None
+    assert autocast_supported("bf16", torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize(

@@ -226,7 +226,7 @@ class ImagePromptAdapter(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().to(torch.float16) for k, v in self.state_dict().items()}
+        state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.state_dict().items()}
         with atomic_write(folder / "adapter.safetensors") as tmp:
             save_file(state, str(tmp))
         if self.cfg is None:

@@ -8,7 +8,7 @@ so the adapter carries the object's identity, not the target pixels. The image i
 embedding) with probability ``image_dropout``, the caption with ``text_dropout`` (both
 independently), which gives the "no image" and "no text" branches VPCSM's guidance needs. Same ε
 loss and min-SNR weighting as the prior. Reproducible from a seed, checkpointed (atomic),
-resumable.
+resumable. Trains on the prior's device (CPU or CUDA); data and noise are drawn on the CPU.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ class ImageAdapterTrainer(CheckpointedTraining):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.adapter = ImagePromptAdapter(cfg.adapter, prior.unet)
+        self.device = prior.device
+        self.adapter.to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.adapter.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
@@ -133,6 +135,9 @@ class ImageAdapterTrainer(CheckpointedTraining):
         x0 = batch.images * 2.0 - 1.0
         t = torch.randint(0, prior.num_train_timesteps, (b,), generator=self.generator)
         noise, abar, x_t = noised(self.alphas_cumprod, x0, t, self.generator)
+        snr_weights = min_snr_weights(abar.flatten(), cfg.min_snr_gamma).to(self.device)
+        noise, x_t, t = noise.to(self.device), x_t.to(self.device), t.to(self.device)
+        references, keep_image = references.to(self.device), keep_image.to(self.device)
 
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg)
@@ -145,7 +150,7 @@ class ImageAdapterTrainer(CheckpointedTraining):
         with self.adapter.attached(prior.unet):
             pred = unet_eps(prior.unet, prior.cfg, x_t, t, hidden, image_tokens=tokens)
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(abar.flatten(), cfg.min_snr_gamma)).mean()
+        loss = (per_sample * snr_weights).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.adapter.parameters()), 1.0)
@@ -182,7 +187,8 @@ class ImageAdapterTrainer(CheckpointedTraining):
                 x0 = batch.images * 2.0 - 1.0
                 t = torch.randint(200, 800, (b,), generator=generator)
                 noise, _, x_t = noised(self.alphas_cumprod, x0, t, generator)
-                embeds = self.adapter.embed(references)
+                noise, x_t, t = noise.to(self.device), x_t.to(self.device), t.to(self.device)
+                embeds = self.adapter.embed(references.to(self.device))
                 for caption, texts in (("text", batch.captions), ("image_only", [""] * b)):
                     hidden = prior.encode_prompt(texts)
                     for name, rows in (("matched", embeds), ("shuffled", embeds.roll(1, dims=0)),
