@@ -129,10 +129,10 @@ class TrainBuiltinArgs:
     """Loss weight of captions that name a view of an object with a front (1 = plain mean). The
     shipped v6 weights use 3; v4 and v5 used 2; v2, trained at 1, did not learn the view words
     (docs/builtin-prior.md)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Arithmetic of training: bf16 autocast ran a step 1.15x faster on a CPU with native bf16
-    (AVX512-BF16/AMX) and matched fp32's loss over 600 steps; it is emulated and slow elsewhere, and
-    a bf16 prior's sample quality is not measured yet; the shipped weights are fp32 (docs/benchmarks.md)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Arithmetic of training: auto = bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU runs it
+    natively, else fp32. bf16 ran a step 1.15x faster on such a CPU and trained a prior as good as
+    fp32's (docs/builtin-prior.md, the v8 trial); it is emulated and slow elsewhere."""
     device: str = "auto"
     """auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N. The data is drawn on
     the CPU either way, so a seed gives the same batches on both."""
@@ -440,7 +440,12 @@ def _training_device(name: str):
 def train_builtin(args: TrainBuiltinArgs) -> int:
     from dreamlab.checkpoint import find_latest_checkpoint
     from dreamlab.priors.builtin import ASSET_DIR
-    from dreamlab.priors.train_builtin import BuiltinPriorTrainer, autocast_supported, cpu_has_native_bf16
+    from dreamlab.priors.train_builtin import (
+        BuiltinPriorTrainer,
+        autocast_supported,
+        cpu_has_native_bf16,
+        resolve_precision,
+    )
 
     cfg = train_builtin_config(args)
     device = _training_device(args.device)
@@ -449,6 +454,10 @@ def train_builtin(args: TrainBuiltinArgs) -> int:
     if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         _say("dreamlab: warning: this CPU has no native bf16 (AVX512-BF16 or AMX); --precision bf16 "
              "will be emulated and slower than fp32")
+    elif cfg.precision == "auto":
+        arithmetic = resolve_precision("auto", device)
+        why = "it runs bf16 natively" if arithmetic == "bf16" else "it has no native bf16"
+        _say(f"dreamlab: training in {arithmetic} on {device.type} ({why}; --precision fp32|bf16 to choose)")
     _check_writable(args.work_dir)
     out = args.out or ASSET_DIR
     _check_writable(out)

@@ -207,6 +207,26 @@ def test_train_builtin_bf16_warns_on_a_cpu_without_native_bf16_and_records_it(tm
     assert f"on a {len(os.sched_getaffinity(0))}-core CPU" in card
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(tmp_path, capsys, monkeypatch, native):
+    """The default --precision auto trains in bf16 on a CPU with native bf16, in fp32 elsewhere
+    (never the slow emulation), says which, and the model card records the arithmetic used."""
+    from dreamlab.cli import main
+    from dreamlab.priors import train_builtin
+
+    monkeypatch.setattr(train_builtin, "cpu_has_native_bf16", lambda: native)
+    expected = "bf16" if native else "fp32"
+    assert train_builtin.resolve_precision("auto", torch.device("cpu")) == expected
+    assert train_builtin.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    out = tmp_path / "out"
+    code = main(["prior", "train-builtin", "--steps", "1", "--num-views", "16", "--device", "cpu",
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out), "--quiet"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"training in {expected} on cpu" in err and "warning" not in err
+    assert f"arithmetic {expected}" in (out / "model_card.md").read_text()
+
+
 @pytest.mark.parametrize("command", ["train-builtin", "train-image-adapter"])
 def test_training_commands_refuse_a_gpu_that_is_not_there(tmp_path, capsys, monkeypatch, command):
     """--device cuda without a CUDA GPU: one clear line and exit code 2, before any work is done."""
@@ -291,8 +311,8 @@ def test_train_builtin_flags_reach_the_training_config():
     plain = train_builtin_config(TrainBuiltinArgs())
     assert plain.data == BuiltinTrainConfig().data
     assert plain.view_caption_loss_weight == BuiltinTrainConfig().view_caption_loss_weight
-    assert plain.precision == BuiltinTrainConfig().precision == "fp32"
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+    assert plain.precision == BuiltinTrainConfig().precision == "auto"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         BuiltinTrainConfig(precision="fp16").validate()
     with pytest.raises(UserError, match="composite_fraction must lie in"):
         train_builtin_config(TrainBuiltinArgs(composite_fraction=-0.1))

@@ -12,6 +12,7 @@ the CPU from the seeded generator, so a run sees the same data on either.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -78,13 +79,13 @@ class BuiltinTrainConfig:
     (samples followed "back view" about as often as chance; docs/builtin-prior.md). v4 and v5
     used 2 (prompt and view accuracy both rose over weight 1, where 4 lost prompt accuracy on v2's
     data); the shipped v6 weights use 3, with composite_fraction 0.5."""
-    precision: str = "fp32"
-    """Arithmetic of the forward and backward passes: "fp32", or "bf16" (autocast to bfloat16 on the
-    CPU; weights, optimiser state, EMA and loss stay fp32). On a CPU with native bf16 (AVX512-BF16 or
-    AMX) a step ran 1.15x faster (0.497 vs 0.574 s, AMD EPYC, docs/benchmarks.md); without it bf16 is
-    emulated and slow. Over the first 600 steps bf16 reached fp32's training loss on the same
-    batches; the shipped weights were trained in fp32, and the sample quality of a bf16-trained
-    prior has not been measured yet."""
+    precision: str = "auto"
+    """Arithmetic of the forward and backward passes: "fp32", "bf16" (bfloat16 autocast; weights,
+    optimiser state, EMA and loss stay fp32) or "auto" (bf16 where the device runs it natively: a
+    CPU with AVX512-BF16 or AMX, or a GPU with bf16; fp32 elsewhere, where bf16 is emulated and
+    slow). On the AMD EPYC a bf16 step ran 1.15x faster (0.497 vs 0.574 s, docs/benchmarks.md) and
+    the default run took 56.9 instead of 61.8 min; a prior trained so (the v8 trial) matched the
+    fp32-trained v6 in view and prompt accuracy and SDS quality (docs/builtin-prior.md)."""
     seed: int = 0
     checkpoint_every: int = 250
     data: WorldDataConfig = field(default_factory=WorldDataConfig)
@@ -114,7 +115,7 @@ def validate_training_schedule(cfg) -> None:
         raise ValueError("min_snr_gamma must be > 0 (or None for plain ε-MSE)")
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -123,6 +124,15 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where ``device`` runs bfloat16 natively, else "fp32"; others unchanged."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def autocast_supported(precision: str, device: torch.device) -> str | None:
@@ -231,8 +241,9 @@ class BuiltinPriorTrainer(CheckpointedTraining):
         from dreamlab.world.catalog import VOCABULARY
 
         cfg.validate()
-        self.cfg = cfg
         self.device = torch.device(device)
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, self.device))
+        self.cfg = cfg
         if (reason := autocast_supported(cfg.precision, self.device)) is not None:
             raise ValueError(reason)
         self.work_dir = Path(work_dir)
