@@ -343,7 +343,7 @@ def bench_prior_training(args: argparse.Namespace) -> list[str]:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         cache = load_or_build_world_cache(data, Path(tmp) / "cache")
-        cpu_cfg = BuiltinTrainConfig(steps=6500, batch_size=batch, data=data)
+        cpu_cfg = BuiltinTrainConfig(steps=6500, batch_size=batch, data=data, precision="fp32")
         cpu_loss = BuiltinPriorTrainer(cpu_cfg, Path(tmp) / "cpu", cache=cache).train_step().loss
         for precision in ("fp32", "bf16"):
             reason = autocast_supported(precision, device)

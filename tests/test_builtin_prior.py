@@ -223,7 +223,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(tmp_path, ca
                  "--work-dir", str(tmp_path / "work"), "--out", str(out), "--quiet"])
     assert code == 0
     err = capsys.readouterr().err
-    assert f"training in {expected} on cpu" in err and "warning" not in err
+    assert f"dreamlab: training in {expected} on cpu" in err and "dreamlab: warning" not in err
     assert f"arithmetic {expected}" in (out / "model_card.md").read_text()
 
 
