@@ -181,10 +181,14 @@ def caption_loss_weights(batch: WorldBatch, dropped: torch.Tensor, view_weight: 
     return torch.where(viewed, torch.tensor(float(view_weight)), torch.tensor(1.0))
 
 
-def noised(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
-    """(ε, ᾱ_t [B, 1, 1, 1], x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε) with ε drawn from ``generator``."""
+def noised(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+           device: torch.device | None = None):
+    """(ε, ᾱ_t [B, 1, 1, 1], x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε) with ε drawn from the CPU ``generator``
+    (so a seed gives the same noise on any device), all three on ``device`` (default: x0's)."""
     noise = torch.randn(x0.shape, generator=generator)
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    if device is not None:
+        noise, abar, x0 = noise.to(device), abar.to(device), x0.to(device)
     return noise, abar, abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
 
@@ -288,10 +292,8 @@ class BuiltinPriorTrainer(CheckpointedTraining):
         weights = caption_loss_weights(batch, drop, cfg.view_caption_loss_weight)
         x0 = images * 2.0 - 1.0
         t = torch.randint(0, cfg.model.num_train_timesteps, (len(captions),), generator=self.generator)
-        noise, abar, x_t = noised(self.alphas_cumprod, x0, t, self.generator)
-        snr_weights = min_snr_weights(abar.flatten(), cfg.min_snr_gamma).to(self.device)
-        weights = weights.to(self.device)
-        noise, x_t, t = noise.to(self.device), x_t.to(self.device), t.to(self.device)
+        noise, abar, x_t = noised(self.alphas_cumprod, x0, t, self.generator, self.device)
+        t, weights = t.to(self.device), weights.to(self.device)
 
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg)
@@ -301,7 +303,7 @@ class BuiltinPriorTrainer(CheckpointedTraining):
             hidden = self.text_encoder(input_ids=self.tokenizer(captions).to(self.device)).last_hidden_state
             pred = unet_eps(self.unet, cfg.model, x_t, t, hidden)
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        per_sample = per_sample * snr_weights
+        per_sample = per_sample * min_snr_weights(abar.flatten(), cfg.min_snr_gamma)
         loss = (per_sample * weights).sum() / weights.sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,7 +341,7 @@ class BuiltinPriorTrainer(CheckpointedTraining):
 
 def model_card(
     cfg: BuiltinTrainConfig, trained_steps: int, final_loss: float, training_seconds: float | None,
-    trained_on: str = "a 2-core CPU",
+    trained_on: str,
 ) -> str:
     """The model card written beside the weights (quality numbers: docs/builtin-prior.md)."""
     from dataclasses import asdict

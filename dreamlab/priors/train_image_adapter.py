@@ -134,10 +134,8 @@ class ImageAdapterTrainer(CheckpointedTraining):
         captions = ["" if d else c for c, d in zip(batch.captions, drop_text.tolist())]
         x0 = batch.images * 2.0 - 1.0
         t = torch.randint(0, prior.num_train_timesteps, (b,), generator=self.generator)
-        noise, abar, x_t = noised(self.alphas_cumprod, x0, t, self.generator)
-        snr_weights = min_snr_weights(abar.flatten(), cfg.min_snr_gamma).to(self.device)
-        noise, x_t, t = noise.to(self.device), x_t.to(self.device), t.to(self.device)
-        references, keep_image = references.to(self.device), keep_image.to(self.device)
+        noise, abar, x_t = noised(self.alphas_cumprod, x0, t, self.generator, self.device)
+        t, references, keep_image = t.to(self.device), references.to(self.device), keep_image.to(self.device)
 
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg)
@@ -150,7 +148,7 @@ class ImageAdapterTrainer(CheckpointedTraining):
         with self.adapter.attached(prior.unet):
             pred = unet_eps(prior.unet, prior.cfg, x_t, t, hidden, image_tokens=tokens)
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * snr_weights).mean()
+        loss = (per_sample * min_snr_weights(abar.flatten(), cfg.min_snr_gamma)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.adapter.parameters()), 1.0)
@@ -186,8 +184,8 @@ class ImageAdapterTrainer(CheckpointedTraining):
                 b = len(batch.captions)
                 x0 = batch.images * 2.0 - 1.0
                 t = torch.randint(200, 800, (b,), generator=generator)
-                noise, _, x_t = noised(self.alphas_cumprod, x0, t, generator)
-                noise, x_t, t = noise.to(self.device), x_t.to(self.device), t.to(self.device)
+                noise, _, x_t = noised(self.alphas_cumprod, x0, t, generator, self.device)
+                t = t.to(self.device)
                 embeds = self.adapter.embed(references.to(self.device))
                 for caption, texts in (("text", batch.captions), ("image_only", [""] * b)):
                     hidden = prior.encode_prompt(texts)
