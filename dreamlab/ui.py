@@ -455,6 +455,9 @@ def build_app(
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                # The cancel click answers here, not in the status: the job's own stream owns the
+                # status, and a late "Cancelling..." must not overwrite its final "Cancelled at step".
+                cancel_note = gr.Markdown("", elem_id="cancel-note")
                 gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Examples (builtin prior)")
             with gr.Column(scale=1):
                 status = gr.Markdown("Ready.", elem_id="status")
@@ -480,7 +483,9 @@ def build_app(
             api_name="generate",
         ).then(lambda glb: glb, inputs=[result_glb], outputs=[model], queue=False,
                show_progress="hidden", api_visibility="private")
-        cancel_btn.click(on_cancel, outputs=[status], queue=False, api_name="cancel")
+        generate_btn.click(lambda: "", outputs=[cancel_note], queue=False, show_progress="hidden",
+                           api_visibility="private")
+        cancel_btn.click(on_cancel, outputs=[cancel_note], queue=False, api_name="cancel")
         guidance.change(_method_options_doc, inputs=[guidance], outputs=[options_doc], queue=False,
                         api_visibility="private")
     demo.queue(default_concurrency_limit=int(concurrency))

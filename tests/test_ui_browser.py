@@ -196,7 +196,11 @@ def test_two_users_queue_cancel_and_separate_results(tmp_path):
         assert "Step" in first.inner_text("#status")  # still training
 
         first.click("#cancel")
+        first.wait_for_function(
+            "document.querySelector('#cancel-note').innerText.includes('Cancelling')", timeout=30_000)
         cancelled = _wait_status(first, "Cancelled at step", 120_000)
+        first.wait_for_timeout(1000)  # the final status stays: nothing overwrites it afterwards
+        assert first.inner_text("#status") == cancelled
         done = _wait_status(second, "Done:")
         assert "a-red-cube" in cancelled and "a-blue-torus" in done, (cancelled, done)
         links = [page.get_attribute("#file-ply a[download]", "href") for page in (first, second)]
